@@ -78,13 +78,14 @@ export function parseStorePath(path: string): StorePath {
  */
 export function storePathProblem(path: string): string | undefined {
   const prefix = `${STORE_DIR}/`;
+  if (path === STORE_DIR || path === prefix) return "the store directory itself";
   if (!path.startsWith(prefix)) {
     return path.startsWith("/") ? `not in ${STORE_DIR}` : "not an absolute path";
   }
   const rest = path.slice(prefix.length);
   const slash = rest.indexOf("/");
   if (slash === 0) return "empty path segment";
-  if (slash === rest.length - 1) return "trailing '/'";
+  if (slash > 0 && slash === rest.length - 1) return "trailing '/'";
   if (slash > 0) return "a path inside a store object, not a store path";
   return storePathBaseNameProblem(rest);
 }
