@@ -87,7 +87,9 @@ export class NarFormatError extends FormatError {
 
   constructor(offset: number, path: string, detail: string) {
     super(
-      `Cannot parse NAR at byte ${offset} in ${path === "" ? "the root" : quote(path)}: ${detail}`,
+      `Cannot parse NAR at byte ${offset} in ${
+        path === "" ? "the root" : quotePath(path)
+      }: ${detail}`,
     );
     this.offset = offset;
     this.path = path;
@@ -287,7 +289,7 @@ export class NarParser {
     let i = 0;
     while (i < n) {
       if (this.#state === S_DONE) {
-        this.#fail(this.#offset, `trailing data after the root (${n - i} bytes or more)`);
+        this.#fail(this.#offset, "trailing data after the root");
       }
       if (this.#phase === P_LENGTH) {
         let lo: number;
@@ -642,7 +644,7 @@ export class NarListingBuilder {
  * Throws a {@link NarFormatError} on invalid input.
  */
 export async function listNar(
-  source: AsyncIterable<Uint8Array> | ReadableStream<Uint8Array>,
+  source: AsyncIterable<Uint8Array> | Iterable<Uint8Array> | ReadableStream<Uint8Array>,
   options: Omit<NarParserOptions, "onEntry"> = {},
 ): Promise<NarListing> {
   const builder = new NarListingBuilder();
@@ -1012,6 +1014,11 @@ function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
 
 function quote(text: string): string {
   return JSON.stringify(text.length > 80 ? text.slice(0, 80) + "…" : text);
+}
+
+/** A path for a message: long ones keep their last 200 characters. */
+function quotePath(path: string): string {
+  return JSON.stringify(path.length > 200 ? "…" + path.slice(-200) : path);
 }
 
 function quoteBytes(bytes: Uint8Array): string {

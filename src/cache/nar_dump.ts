@@ -9,7 +9,8 @@
  * - directories: entries sorted by byte-wise comparison of their UTF-8 names;
  * - anything else (sockets, FIFOs, devices): a FormatError naming the path.
  *
- * File names are Deno strings, so names that are not valid UTF-8 cannot be dumped.
+ * File names are Deno strings, so names that are not valid UTF-8 cannot be dumped (a
+ * FormatError).
  * @module
  */
 
@@ -128,10 +129,16 @@ async function lstat(path: string, isRoot: boolean, sync: boolean): Promise<Deno
     return sync ? Deno.lstatSync(path) : await Deno.lstat(path);
   } catch (error) {
     if (error instanceof Deno.errors.NotFound) {
+      if (!isRoot && path.slice(path.lastIndexOf("/")).includes("\uFFFD")) {
+        // Deno decodes file names lossily: a name that is not UTF-8 cannot be opened.
+        throw new FormatError(`Cannot dump ${path}: the file name is not valid UTF-8`, {
+          cause: error,
+        });
+      }
       throw new NotFoundError(
         isRoot
           ? `Cannot dump ${path}: no such file or directory`
-          : `Cannot dump ${path}: no such file or directory (removed while dumping, or a name that is not valid UTF-8)`,
+          : `Cannot dump ${path}: no such file or directory (removed while dumping)`,
         { cause: error },
       );
     }
