@@ -1,0 +1,306 @@
+/**
+ * The filesystem backend of the metadata store (`--backend filesystem`): flat files under
+ * `<cacheDir>/narinfo/`, which a plain static web server could serve as they are.
+ *
+ * ```text
+ * <hash>.narinfo                    exactly the narinfo text served for the path (as
+ *                                   `formatNarInfo` writes it); the file's mtime is the
+ *                                   record's registeredAt, in milliseconds
+ * by-file-hash/<nix32>/<hash>       empty file: index entry FileHash → path
+ * .<hash>.<random>.tmp              a narinfo being written (ignored by readers)
+ * ```
+ *
+ * registeredAt lives in the mtime so that the served text stays clean (Nix would ignore an
+ * extra `X-Arca-…:` line, but other tools may not) and so that text and time change in the
+ * same rename, with no second file to keep in step. Copy a cache with `cp -a` or
+ * `rsync -a`, which keep mtimes; a plain `cp` resets every registeredAt to the copy's time.
+ *
+ * Writes are `tmp + fsync + rename + fsync(dir)`. The narinfo file is the point of
+ * visibility: `putPath` writes the index entry first, then the narinfo; `deletePath`
+ * removes the narinfo first, then the index entry. There are no locks, so concurrent
+ * writers of the SAME path (or a crash between the steps) can leave an index entry whose
+ * narinfo is gone or has another FileHash; {@link MetadataStore.findByFileHash} therefore
+ * returns a path only after reading its narinfo and finding that FileHash in it. Hash
+ * parts are validated (32 nix32 characters) before they become file names, and FileHash
+ * directory names are nix32 too, so no name can reach outside the directory.
+ * @module
+ */
+
+import { join } from "node:path";
+import { FormatError } from "../errors.ts";
+import {
+  checkHashPart,
+  fileHashKey,
+  type MetadataStore,
+  type PathRecord,
+  preparePathRecord,
+  readStoredRecord,
+} from "./metadata.ts";
+import { MAX_NARINFO_BYTES } from "./narinfo.ts";
+import { isValidHashPart } from "./store_path.ts";
+
+/** Name of the FileHash index directory inside the narinfo directory. */
+export const FILE_HASH_INDEX_DIR = "by-file-hash";
+
+/** Temporary files older than this (by ctime) are removed when a store opens: a crashed write. */
+const STALE_TEMP_MS = 60 * 60 * 1000;
+
+const NARINFO_NAME_RE = /^([0-9a-df-np-sv-z]{32})\.narinfo$/;
+const TEMP_NAME_RE = /^\.[0-9a-df-np-sv-z]{32}\.[0-9a-f]+\.tmp$/;
+
+/**
+ * Opens (creating it) the filesystem metadata store in `dir`, e.g. `<cacheDir>/narinfo`.
+ * Several processes may open the same directory. Removes temporary files that a crashed
+ * writer left behind more than an hour ago.
+ */
+export async function openFsMetadata(dir: string): Promise<MetadataStore> {
+  await Deno.mkdir(join(dir, FILE_HASH_INDEX_DIR), { recursive: true });
+  await removeStaleTemps(dir);
+  return new FsMetadataStore(dir);
+}
+
+class FsMetadataStore implements MetadataStore {
+  #dir: string;
+  #indexDir: string;
+  #closed = false;
+
+  constructor(dir: string) {
+    this.#dir = dir;
+    this.#indexDir = join(dir, FILE_HASH_INDEX_DIR);
+  }
+
+  async getPath(hashPart: string): Promise<PathRecord | null> {
+    this.#checkOpen();
+    checkHashPart(hashPart);
+    const stored = await readNarinfoFile(this.#narinfoPath(hashPart));
+    return stored && readStoredRecord(hashPart, stored);
+  }
+
+  async findByFileHash(fileHash: string): Promise<string | null> {
+    this.#checkOpen();
+    const key = fileHashKey(fileHash);
+    const candidates: string[] = [];
+    try {
+      for await (const entry of Deno.readDir(join(this.#indexDir, key))) {
+        if (isValidHashPart(entry.name)) candidates.push(entry.name);
+      }
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) return null;
+      throw error;
+    }
+    candidates.sort();
+    for (const hashPart of candidates) {
+      // The narinfo is the point of visibility: an entry counts only when it leads to one
+      // that has this FileHash.
+      const record = await this.#tryGetPath(hashPart);
+      if (record && record.narInfo.fileHash === `sha256:${key}`) return hashPart;
+    }
+    return null;
+  }
+
+  async putPath(record: PathRecord): Promise<void> {
+    this.#checkOpen();
+    const { hashPart, text, fileHashKey: newIndex, registeredAt } = preparePathRecord(record);
+    const oldIndex = await this.#currentIndexKey(hashPart);
+    if (newIndex !== undefined) await this.#addIndexEntry(newIndex, hashPart);
+    await this.#writeNarinfo(hashPart, text, registeredAt);
+    if (oldIndex !== undefined && oldIndex !== newIndex) {
+      await this.#removeIndexEntry(oldIndex, hashPart);
+    }
+  }
+
+  async deletePath(hashPart: string): Promise<boolean> {
+    this.#checkOpen();
+    checkHashPart(hashPart);
+    const index = await this.#currentIndexKey(hashPart);
+    try {
+      await Deno.remove(this.#narinfoPath(hashPart));
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) return false;
+      throw error;
+    }
+    await syncDir(this.#dir);
+    if (index !== undefined) await this.#removeIndexEntry(index, hashPart);
+    return true;
+  }
+
+  async *listPaths(): AsyncIterable<PathRecord> {
+    this.#checkOpen();
+    // Names only (33 bytes a path) are held in memory, to sort them; records are read one
+    // at a time.
+    const hashParts: string[] = [];
+    for await (const entry of Deno.readDir(this.#dir)) {
+      const m = entry.isFile ? NARINFO_NAME_RE.exec(entry.name) : null;
+      if (m) hashParts.push(m[1]);
+    }
+    hashParts.sort();
+    for (const hashPart of hashParts) {
+      const record = await this.getPath(hashPart);
+      if (record) yield record; // null: deleted since the directory was read
+    }
+  }
+
+  close(): void {
+    this.#closed = true;
+  }
+
+  #narinfoPath(hashPart: string): string {
+    return join(this.#dir, `${hashPart}.narinfo`);
+  }
+
+  async #tryGetPath(hashPart: string): Promise<PathRecord | null> {
+    try {
+      return await this.getPath(hashPart);
+    } catch (error) {
+      if (error instanceof FormatError) return null;
+      throw error;
+    }
+  }
+
+  /** The index key of the path's current narinfo, if it has one (and parses). */
+  async #currentIndexKey(hashPart: string): Promise<string | undefined> {
+    const fileHash = (await this.#tryGetPath(hashPart))?.narInfo.fileHash;
+    return fileHash === undefined ? undefined : fileHashKey(fileHash);
+  }
+
+  async #addIndexEntry(key: string, hashPart: string): Promise<void> {
+    const dir = join(this.#indexDir, key);
+    for (let attempt = 1;; attempt++) {
+      let created = false;
+      try {
+        await Deno.mkdir(dir);
+        created = true;
+      } catch (error) {
+        if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
+      }
+      if (created) await syncDir(this.#indexDir);
+      try {
+        const file = await Deno.open(join(dir, hashPart), { write: true, create: true });
+        file.close();
+      } catch (error) {
+        // A deleter removed the directory after it emptied it; make it again.
+        if (error instanceof Deno.errors.NotFound && attempt < 100) continue;
+        throw error;
+      }
+      await syncDir(dir);
+      return;
+    }
+  }
+
+  /**
+   * Removes an index entry, and its directory once empty. Not synced: an entry that comes
+   * back after a crash leads to no narinfo with its FileHash, and is ignored.
+   */
+  async #removeIndexEntry(key: string, hashPart: string): Promise<void> {
+    const dir = join(this.#indexDir, key);
+    await removeIfPresent(join(dir, hashPart));
+    try {
+      await Deno.remove(dir);
+    } catch (error) {
+      // Another path shares the FileHash (or a writer is adding one), or it is gone already.
+      if (!(error instanceof Deno.errors.NotFound) && !isDirectoryNotEmpty(error)) throw error;
+    }
+  }
+
+  async #writeNarinfo(hashPart: string, text: string, registeredAt: number): Promise<void> {
+    const random = crypto.getRandomValues(new Uint8Array(8));
+    const suffix = Array.from(random, (b) => b.toString(16).padStart(2, "0")).join("");
+    const temp = join(this.#dir, `.${hashPart}.${suffix}.tmp`);
+    const file = await Deno.open(temp, { write: true, createNew: true, mode: 0o644 });
+    try {
+      try {
+        await writeAll(file, new TextEncoder().encode(text));
+        const time = new Date(registeredAt);
+        await file.utime(time, time);
+        await file.sync();
+      } finally {
+        file.close();
+      }
+      await Deno.rename(temp, this.#narinfoPath(hashPart));
+    } catch (error) {
+      await removeIfPresent(temp);
+      throw error;
+    }
+    await syncDir(this.#dir);
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new Error("Metadata store is closed");
+  }
+}
+
+/** The text and mtime of a narinfo file, from one open file (so both are of one version). */
+async function readNarinfoFile(
+  path: string,
+): Promise<{ text: string; registeredAt: number } | null> {
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(path, { read: true });
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return null;
+    throw error;
+  }
+  try {
+    const info = await file.stat();
+    if (!info.isFile || info.size > MAX_NARINFO_BYTES || info.mtime === null) {
+      throw new FormatError(`Corrupt metadata file ${path}: not a narinfo file`);
+    }
+    const bytes = new Uint8Array(info.size);
+    let filled = 0;
+    while (filled < bytes.length) {
+      const n = await file.read(bytes.subarray(filled));
+      if (n === null) break;
+      filled += n;
+    }
+    let text: string;
+    try {
+      text = new TextDecoder("utf-8", { fatal: true }).decode(bytes.subarray(0, filled));
+    } catch (cause) {
+      throw new FormatError(`Corrupt metadata file ${path}: not valid UTF-8`, { cause });
+    }
+    return { text, registeredAt: info.mtime.getTime() };
+  } finally {
+    file.close();
+  }
+}
+
+async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
+  let written = 0;
+  while (written < bytes.length) written += await file.write(bytes.subarray(written));
+}
+
+async function syncDir(path: string): Promise<void> {
+  const dir = await Deno.open(path, { read: true });
+  try {
+    await dir.sync();
+  } finally {
+    dir.close();
+  }
+}
+
+async function removeIfPresent(path: string): Promise<void> {
+  try {
+    await Deno.remove(path);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+}
+
+function isDirectoryNotEmpty(error: unknown): boolean {
+  return error instanceof Error && (error as { code?: string }).code === "ENOTEMPTY";
+}
+
+async function removeStaleTemps(dir: string): Promise<void> {
+  const now = Date.now();
+  for await (const entry of Deno.readDir(dir)) {
+    if (!entry.isFile || !TEMP_NAME_RE.test(entry.name)) continue;
+    const path = join(dir, entry.name);
+    try {
+      // ctime, not mtime: a temporary file's mtime is already the record's registeredAt.
+      const ctime = (await Deno.stat(path)).ctime;
+      if (ctime !== null && now - ctime.getTime() > STALE_TEMP_MS) await removeIfPresent(path);
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+    }
+  }
+}

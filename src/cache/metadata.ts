@@ -1,0 +1,208 @@
+/**
+ * The metadata store: one narinfo record per store path, plus an index from the FileHash of
+ * our encoding of its NAR to the path (so `GET /nar/<nix32 FileHash>.nar.zst` finds its
+ * manifest). Two backends implement {@link MetadataStore}:
+ *
+ * - `kv` (default): Deno KV at `<cacheDir>/db/arca.kv` (src/cache/kv_metadata.ts);
+ * - `filesystem`: one `<cacheDir>/narinfo/<hash>.narinfo` file per path, holding exactly
+ *   the served narinfo text, plus `<cacheDir>/narinfo/by-file-hash/<nix32>/<hash>` index
+ *   entries (src/cache/fs_metadata.ts).
+ *
+ * Both store a record as the text {@link formatNarInfo} writes and give it back parsed by
+ * {@link parseNarInfo}, so what a reader gets is normalized: hashes `sha256:<nix32>`,
+ * References and Sig sorted and unique. Hash parts are validated (32 nix32 characters)
+ * before they become keys or file names; invalid input is a {@link FormatError}.
+ *
+ * Several store paths may share one FileHash (identical NARs under different names), so
+ * the index maps a FileHash to a set of paths; {@link MetadataStore.findByFileHash} returns
+ * one of them, and deleting one path leaves the others findable.
+ * @module
+ */
+
+import { FormatError, UsageError } from "../errors.ts";
+import { normalizeNixHash } from "./hash.ts";
+import { formatNarInfo, type NarInfo, parseNarInfo } from "./narinfo.ts";
+import { isValidHashPart, parseStorePath } from "./store_path.ts";
+import { openKvMetadata } from "./kv_metadata.ts";
+import { openFsMetadata } from "./fs_metadata.ts";
+
+/** The metadata backends, as `--backend` names them. */
+export type MetadataBackend = "kv" | "filesystem";
+
+/** The backends {@link openMetadata} knows, in `--backend` spelling. */
+export const METADATA_BACKENDS: readonly MetadataBackend[] = Object.freeze(["kv", "filesystem"]);
+
+/** What the cache knows about one store path. */
+export interface PathRecord {
+  /**
+   * The narinfo the substituter serves for this path: URL, Compression, FileHash and
+   * FileSize of OUR encoding of the NAR; the NAR's hash and size, references, deriver, CA
+   * and signatures as the path's origin gave them.
+   */
+  narInfo: NarInfo;
+  /** When this node registered the path, in milliseconds since the epoch (a safe integer ≥ 0). */
+  registeredAt: number;
+}
+
+/** Storage of {@link PathRecord}s, one per store path, keyed by hash part. */
+export interface MetadataStore {
+  /** The record of the path with this hash part, or null. FormatError for an invalid hash part. */
+  getPath(hashPart: string): Promise<PathRecord | null>;
+  /**
+   * The hash part of a path whose record has this FileHash (`sha256:<nix32>`; any SHA-256
+   * form {@link normalizeNixHash} accepts), or null. When several paths share the FileHash,
+   * any one of them.
+   */
+  findByFileHash(fileHash: string): Promise<string | null>;
+  /**
+   * Stores `record`, replacing any record of the same path. Atomic as seen by readers: the
+   * record and its FileHash index entry become visible together, and a replaced record's
+   * old index entry stops leading to it. FormatError when the record is invalid.
+   */
+  putPath(record: PathRecord): Promise<void>;
+  /** Removes a path's record and its index entry; false when there was none. */
+  deletePath(hashPart: string): Promise<boolean>;
+  /**
+   * Every record, sorted by hash part, streamed (the KV backend reads in batches; records
+   * written or deleted during the iteration may or may not appear).
+   */
+  listPaths(): AsyncIterable<PathRecord>;
+  /** Releases the store; later calls reject. */
+  close(): void;
+}
+
+/** Options of {@link openMetadata}. */
+export interface OpenMetadataOptions {
+  /** KV backend: records fetched per `kv.list` batch while listing; default 500. */
+  listBatchSize?: number;
+}
+
+/**
+ * Opens the metadata store of the cache in `cacheDir`, creating its directories: Deno KV at
+ * `<cacheDir>/db/arca.kv`, or the `filesystem` backend under `<cacheDir>/narinfo/`.
+ * Throws {@link UsageError} for an unknown backend name.
+ *
+ * @example
+ * ```ts
+ * const store = await openMetadata("/var/cache/pares-arca", "kv");
+ * try {
+ *   const record = await store.getPath("0c0s1ilpbrzc4c8yrbrzsk4n0jhqba8m");
+ * } finally {
+ *   store.close();
+ * }
+ * ```
+ */
+export function openMetadata(
+  cacheDir: string,
+  backend: MetadataBackend,
+  options: OpenMetadataOptions = {},
+): Promise<MetadataStore> {
+  switch (backend) {
+    case "kv":
+      return openKvMetadata(`${cacheDir}/db/arca.kv`, options);
+    case "filesystem":
+      return openFsMetadata(`${cacheDir}/narinfo`);
+    default:
+      return Promise.reject(
+        new UsageError(
+          `Unknown metadata backend '${String(backend)}': expected ${
+            METADATA_BACKENDS.join(" or ")
+          }`,
+        ),
+      );
+  }
+}
+
+/** A {@link PathRecord} checked and rendered for storage by a backend. */
+export interface PreparedRecord {
+  /** Hash part of the record's store path. */
+  hashPart: string;
+  /** The narinfo text, as {@link formatNarInfo} writes it. */
+  text: string;
+  /** The nix32 body of the normalized FileHash, if the narinfo has one. */
+  fileHashKey?: string;
+  /** As in the record. */
+  registeredAt: number;
+}
+
+/**
+ * Checks `record` and renders its narinfo text; for backends. Throws {@link FormatError}
+ * when the store path, a narinfo field or `registeredAt` is invalid, or when the text would
+ * not parse back (e.g. larger than the parser's limit).
+ */
+export function preparePathRecord(record: PathRecord): PreparedRecord {
+  const { narInfo, registeredAt } = record;
+  const hashPart = parseStorePath(narInfo.storePath).hash;
+  if (!Number.isSafeInteger(registeredAt) || registeredAt < 0) {
+    throw new FormatError(
+      `Invalid registration time of ${narInfo.storePath}: expected milliseconds since the epoch, got ${
+        String(registeredAt)
+      }`,
+    );
+  }
+  const text = formatNarInfo(narInfo);
+  const normalized = parseNarInfo(text);
+  const prepared: PreparedRecord = { hashPart, text, registeredAt };
+  if (normalized.fileHash !== undefined) prepared.fileHashKey = fileHashKey(normalized.fileHash);
+  return prepared;
+}
+
+/**
+ * Throws {@link FormatError} unless `hashPart` is a store path hash part (32 nix32
+ * characters): checked before a hash part becomes a key or a file name.
+ */
+export function checkHashPart(hashPart: string): void {
+  if (typeof hashPart !== "string" || !isValidHashPart(hashPart)) {
+    throw new FormatError(
+      `Invalid store path hash part '${shorten(String(hashPart))}': expected 32 nix32 characters`,
+    );
+  }
+}
+
+/**
+ * The nix32 body of a SHA-256 FileHash (any form {@link normalizeNixHash} accepts), as the
+ * index keys it. Throws {@link FormatError} when `fileHash` is not a SHA-256 hash.
+ */
+export function fileHashKey(fileHash: string): string {
+  if (typeof fileHash !== "string") {
+    throw new FormatError(`Invalid FileHash: expected a string, got ${typeof fileHash}`);
+  }
+  return normalizeNixHash(fileHash).slice("sha256:".length);
+}
+
+/**
+ * Parses stored narinfo text back into a record, checking that it belongs to `hashPart`.
+ * Throws {@link FormatError} naming the record when the stored data is corrupt.
+ */
+export function readStoredRecord(
+  hashPart: string,
+  stored: { text: string; registeredAt: number },
+): PathRecord {
+  const { text, registeredAt } = stored;
+  let narInfo: NarInfo;
+  try {
+    narInfo = parseNarInfo(text);
+  } catch (cause) {
+    throw new FormatError(
+      `Corrupt metadata record ${hashPart}: ${cause instanceof Error ? cause.message : cause}`,
+      { cause },
+    );
+  }
+  if (parseStorePath(narInfo.storePath).hash !== hashPart) {
+    throw new FormatError(
+      `Corrupt metadata record ${hashPart}: it holds the narinfo of ${narInfo.storePath}`,
+    );
+  }
+  return { narInfo, registeredAt };
+}
+
+function shorten(text: string): string {
+  const clean = text.replace(
+    CONTROL_GLOBAL_RE,
+    (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`,
+  );
+  return clean.length > 80 ? `${clean.slice(0, 77)}...` : clean;
+}
+
+// deno-lint-ignore no-control-regex -- escaping control characters in messages is the point
+const CONTROL_GLOBAL_RE = /[\x00-\x1f\x7f]/g;
