@@ -71,7 +71,9 @@ export type NarListingNode =
 
 /** The `.ls` document Nix's binary caches serve next to a narinfo. */
 export interface NarListing {
+  /** Always 1. */
   version: 1;
+  /** The NAR's root node. */
   root: NarListingNode;
 }
 
@@ -85,6 +87,7 @@ export class NarFormatError extends FormatError {
   /** Path of the entry being read, `""` for the root, `/a/b` below it. */
   readonly path: string;
 
+  /** Makes the message `Cannot parse NAR at byte <offset> in <path>: <detail>`. */
   constructor(offset: number, path: string, detail: string) {
     super(
       `Cannot parse NAR at byte ${offset} in ${
