@@ -1,0 +1,627 @@
+/**
+ * Compression of single chunks, and the names compressions go by.
+ *
+ * A stored chunk is ONE complete zstd frame (`.zst`), ONE complete xz stream (`.xz`) or the
+ * raw bytes (`.raw`), so that the chunk files of a NAR, concatenated in order, are a valid
+ * `.nar.zst` / `.nar.xz` / `.nar` that Nix, `zstd -d` and `xz -d` decode (DESIGN.md §3).
+ *
+ * - zstd: `node:zlib` `zstdCompressSync`, level 3 by default, with the frame content size
+ *   written into the header (pledgedSrcSize) and no checksum (the chunk id is a SHA-256).
+ * - xz: `@napi-rs/lzma` `xz.compressSync`: preset 6 and CRC64, the same as Nix's own
+ *   `compression=xz` (liblzma `lzma_easy_encoder(6, LZMA_CHECK_CRC64)`); no other preset is
+ *   offered because the synchronous binding has none. Loading the binding needs
+ *   `--allow-ffi`; it is loaded once, when this module is first imported, and only xz needs it.
+ *
+ * Decoding checks the frame/stream structure first (Deno's `node:zlib` zstd decodes only the
+ * first frame of a buffer, and the xz binding fails on some concatenations), so trailing
+ * data, a second frame or an oversized declared size is a {@link FormatError}; a decoder
+ * failure is an {@link IntegrityError}.
+ *
+ * {@link ChunkCompressor} compresses on a small pool of Workers (`compression_worker.ts`),
+ * because async zlib in Deno runs on the main thread (DESIGN.md §2).
+ * @module
+ */
+
+import zlib from "node:zlib";
+import { FormatError, IntegrityError } from "../errors.ts";
+
+/** How a chunk is stored; also the narinfo `Compression` of a NAR made of such chunks. */
+export type ChunkCompression = "zstd" | "xz" | "none";
+
+/** The compressions arca stores chunks in, in order of preference. */
+export const CHUNK_COMPRESSIONS: readonly ChunkCompression[] = ["zstd", "xz", "none"];
+
+/** Default zstd level for chunks (the zstd CLI's default, ~175 MB/s a core here). */
+export const DEFAULT_ZSTD_LEVEL = 3;
+
+/** The only xz preset arca writes: 6, xz's and Nix's default. */
+export const XZ_PRESET = 6;
+
+/** Default bound on a decompressed chunk: FastCDC's largest allowed maxSize (16 MiB). */
+export const DEFAULT_MAX_CHUNK_SIZE = 16 * 1024 * 1024;
+
+/** Parses a compression name as written in config files and narinfo (`zstd`, `xz`, `none`). */
+export function parseChunkCompression(text: string): ChunkCompression {
+  if (text === "zstd" || text === "xz" || text === "none") return text;
+  throw new FormatError(
+    `Unsupported chunk compression: ${JSON.stringify(text)} (expected zstd, xz or none)`,
+  );
+}
+
+/** File extension of a stored chunk: `zst`, `xz` or `raw`. */
+export function chunkFileExtension(compression: ChunkCompression): "zst" | "xz" | "raw" {
+  switch (compression) {
+    case "zstd":
+      return "zst";
+    case "xz":
+      return "xz";
+    case "none":
+      return "raw";
+  }
+  throw new FormatError(`Unsupported chunk compression: ${JSON.stringify(compression)}`);
+}
+
+/** File extension of a whole NAR file in a narinfo URL: `nar.zst`, `nar.xz` or `nar`. */
+export function narFileExtension(compression: ChunkCompression): "nar.zst" | "nar.xz" | "nar" {
+  switch (compression) {
+    case "zstd":
+      return "nar.zst";
+    case "xz":
+      return "nar.xz";
+    case "none":
+      return "nar";
+  }
+  throw new FormatError(`Unsupported chunk compression: ${JSON.stringify(compression)}`);
+}
+
+/** The narinfo `Compression:` value: `zstd`, `xz` or `none`. */
+export function nixCompressionName(compression: ChunkCompression): "zstd" | "xz" | "none" {
+  return parseChunkCompression(compression);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The xz binding, loaded lazily so that zstd-only users need no --allow-ffi.
+
+interface XzBinding {
+  compressSync(input: Uint8Array): Uint8Array;
+  decompressSync(input: Uint8Array): Uint8Array;
+}
+
+let xzBinding: XzBinding | undefined;
+let xzLoadError: unknown;
+try {
+  xzBinding = (await import("@napi-rs/lzma")).xz;
+} catch (error) {
+  xzLoadError = error;
+}
+
+function xz(): XzBinding {
+  if (xzBinding === undefined) {
+    throw new Error(
+      `xz compression is unavailable (the @napi-rs/lzma binding needs --allow-ffi): ${
+        xzLoadError instanceof Error ? xzLoadError.message.split("\n")[0] : String(xzLoadError)
+      }`,
+      { cause: xzLoadError },
+    );
+  }
+  return xzBinding;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compression
+
+/** Options of {@link compressChunk} and {@link ChunkCompressor}. */
+export interface CompressOptions {
+  /**
+   * zstd level (-131072 … 22, default {@link DEFAULT_ZSTD_LEVEL}). For xz only
+   * {@link XZ_PRESET} (or nothing) is accepted; for none it is ignored.
+   */
+  level?: number;
+}
+
+function checkLevel(compression: ChunkCompression, level: number | undefined): void {
+  if (level === undefined || compression === "none") return;
+  if (compression === "xz") {
+    if (level !== XZ_PRESET) {
+      throw new RangeError(`Unsupported xz level: ${level} (xz chunks always use preset 6)`);
+    }
+    return;
+  }
+  if (!Number.isInteger(level) || level < -131072 || level > 22) {
+    throw new RangeError(`Unsupported zstd level: ${level} (expected an integer up to 22)`);
+  }
+}
+
+/**
+ * Compresses one chunk into one self-contained zstd frame or xz stream. For `none` the input
+ * itself is returned (not a copy). The input is left untouched.
+ *
+ * @example
+ * ```ts
+ * const frame = compressChunk(chunk, "zstd");
+ * decompressChunk(frame, "zstd"); // equals chunk
+ * ```
+ */
+export function compressChunk(
+  bytes: Uint8Array,
+  compression: ChunkCompression,
+  options: CompressOptions = {},
+): Uint8Array {
+  checkLevel(compression, options.level);
+  switch (compression) {
+    case "zstd": {
+      const out = zlib.zstdCompressSync(bytes, {
+        params: {
+          [zlib.constants.ZSTD_c_compressionLevel]: options.level ?? DEFAULT_ZSTD_LEVEL,
+          [zlib.constants.ZSTD_c_contentSizeFlag]: 1,
+          [zlib.constants.ZSTD_c_checksumFlag]: 0,
+        },
+        pledgedSrcSize: bytes.length,
+      } as zlib.ZstdOptions);
+      return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+    }
+    case "xz": {
+      const out = xz().compressSync(bytes);
+      return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+    }
+    case "none":
+      return bytes;
+  }
+  throw new FormatError(`Unsupported chunk compression: ${JSON.stringify(compression)}`);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decompression
+
+/** Options of {@link decompressChunk}. */
+export interface DecompressOptions {
+  /** Largest decompressed size accepted (default {@link DEFAULT_MAX_CHUNK_SIZE}). */
+  maxSize?: number;
+}
+
+/**
+ * Decompresses one stored chunk: exactly one zstd frame or one xz stream, nothing after it.
+ * Throws {@link FormatError} for a malformed frame/stream structure, trailing data, a second
+ * frame or a declared size above `maxSize`, and {@link IntegrityError} when the decoder
+ * rejects the content (bad checksum, corrupt block) or the size does not match the header.
+ */
+export function decompressChunk(
+  bytes: Uint8Array,
+  compression: ChunkCompression,
+  options: DecompressOptions = {},
+): Uint8Array {
+  const maxSize = options.maxSize ?? DEFAULT_MAX_CHUNK_SIZE;
+  switch (compression) {
+    case "zstd":
+      return decompressZstd(bytes, maxSize);
+    case "xz":
+      return decompressXz(bytes, maxSize);
+    case "none":
+      if (bytes.length > maxSize) {
+        throw new FormatError(`Cannot read raw chunk: ${bytes.length} bytes exceed ${maxSize}`);
+      }
+      return bytes;
+  }
+  throw new FormatError(`Unsupported chunk compression: ${JSON.stringify(compression)}`);
+}
+
+const ZSTD_MAGIC = 0xfd2fb528;
+
+/** Structure of one zstd frame: its length in bytes and declared content size, if any. */
+interface ZstdFrameInfo {
+  length: number;
+  contentSize: number | null;
+}
+
+/** Walks the header and block headers of the zstd frame at the start of `bytes`. */
+function zstdFrameInfo(bytes: Uint8Array): ZstdFrameInfo {
+  const fail = (detail: string) => new FormatError(`Cannot decompress zstd chunk: ${detail}`);
+  if (bytes.length < 6) throw fail(`${bytes.length} bytes is too short for a frame`);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const magic = view.getUint32(0, true);
+  if (magic !== ZSTD_MAGIC) {
+    throw fail(`bad magic 0x${magic.toString(16).padStart(8, "0")}`);
+  }
+  const descriptor = bytes[4];
+  if (descriptor & 0x08) throw fail("reserved bit set in frame header");
+  const fcsFlag = descriptor >> 6;
+  const singleSegment = (descriptor >> 5) & 1;
+  const hasChecksum = (descriptor >> 2) & 1;
+  const dictIdSize = [0, 1, 2, 4][descriptor & 3];
+  const fcsSize = [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag];
+  let pos = 5 + (singleSegment ? 0 : 1) + dictIdSize;
+  if (pos + fcsSize > bytes.length) throw fail("truncated frame header");
+  if (dictIdSize > 0) {
+    let dictId = 0;
+    for (let i = dictIdSize - 1; i >= 0; i--) dictId = dictId * 256 + bytes[pos - dictIdSize + i];
+    if (dictId !== 0) throw fail(`frame needs dictionary ${dictId}`);
+  }
+  let contentSize: number | null = null;
+  if (fcsSize === 1) contentSize = bytes[pos];
+  else if (fcsSize === 2) contentSize = view.getUint16(pos, true) + 256;
+  else if (fcsSize === 4) contentSize = view.getUint32(pos, true);
+  else if (fcsSize === 8) {
+    const size = view.getBigUint64(pos, true);
+    contentSize = size > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(size);
+  }
+  pos += fcsSize;
+  for (;;) {
+    if (pos + 3 > bytes.length) throw fail("truncated block header");
+    const header = bytes[pos] | (bytes[pos + 1] << 8) | (bytes[pos + 2] << 16);
+    pos += 3;
+    const last = header & 1;
+    const type = (header >> 1) & 3;
+    const size = header >>> 3;
+    if (type === 3) throw fail("reserved block type");
+    pos += type === 1 ? 1 : size;
+    if (pos > bytes.length) throw fail("truncated block");
+    if (last) break;
+  }
+  if (hasChecksum) pos += 4;
+  if (pos > bytes.length) throw fail("truncated checksum");
+  return { length: pos, contentSize };
+}
+
+function decompressZstd(bytes: Uint8Array, maxSize: number): Uint8Array {
+  const frame = zstdFrameInfo(bytes);
+  if (frame.length !== bytes.length) {
+    throw new FormatError(
+      `Cannot decompress zstd chunk: ${bytes.length - frame.length} bytes after the frame`,
+    );
+  }
+  if (frame.contentSize !== null && frame.contentSize > maxSize) {
+    throw new FormatError(
+      `Cannot decompress zstd chunk: declared size ${frame.contentSize} exceeds ${maxSize}`,
+    );
+  }
+  let out: Uint8Array;
+  try {
+    out = zlib.zstdDecompressSync(bytes, { maxOutputLength: Math.max(maxSize, 1) });
+  } catch (error) {
+    throw new IntegrityError(
+      `Cannot decompress zstd chunk: ${error instanceof Error ? error.message : error}`,
+      { cause: error },
+    );
+  }
+  if (frame.contentSize !== null && out.length !== frame.contentSize) {
+    throw new IntegrityError(
+      `Cannot decompress zstd chunk: got ${out.length} bytes, header says ${frame.contentSize}`,
+    );
+  }
+  return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+}
+
+const XZ_HEADER_MAGIC = [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00];
+
+/**
+ * Checks that `bytes` is exactly one xz stream (header, blocks, index, footer, no padding)
+ * and returns the uncompressed size its index declares.
+ */
+function xzStreamSize(bytes: Uint8Array): number {
+  const fail = (detail: string) => new FormatError(`Cannot decompress xz chunk: ${detail}`);
+  const n = bytes.length;
+  if (n < 32) throw fail(`${n} bytes is too short for a stream`);
+  for (let i = 0; i < 6; i++) {
+    if (bytes[i] !== XZ_HEADER_MAGIC[i]) throw fail("bad stream header magic");
+  }
+  if (bytes[n - 2] !== 0x59 || bytes[n - 1] !== 0x5a) {
+    throw fail("no stream footer at the end (trailing data or truncated)");
+  }
+  if (bytes[6] !== bytes[n - 4] || bytes[7] !== bytes[n - 3]) {
+    throw fail("stream header and footer flags differ");
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const indexSize = (view.getUint32(n - 8, true) + 1) * 4;
+  const indexStart = n - 12 - indexSize;
+  if (indexStart < 12) throw fail("index size exceeds the stream");
+  if (bytes[indexStart] !== 0x00) throw fail("bad index indicator");
+  let pos = indexStart + 1;
+  const indexEnd = n - 12 - 4; // before the index CRC32
+  const varint = (): number => {
+    let value = 0;
+    let scale = 1;
+    for (let i = 0; i < 9; i++) {
+      if (pos >= indexEnd) throw fail("truncated index");
+      const byte = bytes[pos++];
+      value += (byte & 0x7f) * scale;
+      if ((byte & 0x80) === 0) {
+        if (!Number.isSafeInteger(value)) throw fail("index value too large");
+        return value;
+      }
+      scale *= 128;
+    }
+    throw fail("index varint too long");
+  };
+  const records = varint();
+  let blocksSize = 0;
+  let uncompressed = 0;
+  for (let i = 0; i < records; i++) {
+    const unpadded = varint();
+    const size = varint();
+    if (unpadded < 5) throw fail("bad block size in index");
+    blocksSize += Math.ceil(unpadded / 4) * 4;
+    uncompressed += size;
+  }
+  while (pos < indexEnd) {
+    if (bytes[pos++] !== 0) throw fail("bad index padding");
+  }
+  if (12 + blocksSize !== indexStart) {
+    throw fail("blocks do not fill the stream (several streams or trailing data)");
+  }
+  return uncompressed;
+}
+
+function decompressXz(bytes: Uint8Array, maxSize: number): Uint8Array {
+  const declared = xzStreamSize(bytes);
+  if (declared > maxSize) {
+    throw new FormatError(
+      `Cannot decompress xz chunk: declared size ${declared} exceeds ${maxSize}`,
+    );
+  }
+  let out: Uint8Array;
+  try {
+    out = xz().decompressSync(bytes);
+  } catch (error) {
+    throw new IntegrityError(
+      `Cannot decompress xz chunk: ${error instanceof Error ? error.message : error}`,
+      { cause: error },
+    );
+  }
+  if (out.length !== declared) {
+    throw new IntegrityError(
+      `Cannot decompress xz chunk: got ${out.length} bytes, index says ${declared}`,
+    );
+  }
+  return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker pool
+
+/** Options of {@link ChunkCompressor}. */
+export interface ChunkCompressorOptions extends CompressOptions {
+  /** How every chunk is compressed. */
+  compression: ChunkCompression;
+  /**
+   * Number of Workers; 0 compresses in the calling thread (synchronously, inside
+   * `compress`). Default `navigator.hardwareConcurrency`.
+   */
+  workers?: number;
+}
+
+/**
+ * Messages to compression_worker.ts: first one {@link CompressionConfig}, then batches
+ * `[data, lengths]`: the chunks of the batch concatenated in one transferred ArrayBuffer
+ * (possibly longer than needed) and a Uint32Array's buffer of their lengths. Transferring
+ * one buffer per batch, instead of one per chunk or a structured object, is what makes the
+ * pool pay off in Deno (a message costs ~10–40 µs; each transferred buffer ~6 µs).
+ */
+export interface CompressionConfig {
+  compression: ChunkCompression;
+  level?: number;
+}
+
+/** A batch as sent to, and returned by, compression_worker.ts: `[bytes, lengths]`. */
+export type CompressionBatch = [ArrayBuffer, ArrayBuffer];
+
+/** A reply of compression_worker.ts: the frames of a batch, or the batch's error. */
+export type CompressionReply = CompressionBatch | { error: { name: string; message: string } };
+
+interface Pending {
+  resolve(value: Uint8Array): void;
+  reject(error: unknown): void;
+}
+
+interface PoolWorker {
+  worker: Worker;
+  /** Batches sent and not answered, oldest first (a worker answers in order). */
+  batches: Pending[][];
+  /** Chunks in those batches. */
+  queued: number;
+}
+
+function rebuildError(error: { name: string; message: string }): Error {
+  if (error.name === "RangeError") return new RangeError(error.message);
+  if (error.name === "FormatError") return new FormatError(error.message);
+  return new Error(`Compression worker failed: ${error.message}`);
+}
+
+/** A batch is sent once it holds this many bytes, or at the end of the current task. */
+const BATCH_BYTES = 1024 * 1024;
+
+/**
+ * Compresses chunks on a pool of Workers while the caller keeps chunking and hashing.
+ * Every chunk becomes one frame/stream, as with {@link compressChunk}.
+ *
+ * `compress(bytes)` copies `bytes` at once (the caller may reuse them as soon as it
+ * returns) into the current batch; a batch goes to the least busy Worker when it reaches
+ * 1 MiB or at the end of the current task (a microtask), so call `compress` for all the
+ * chunks at hand before awaiting any of the promises. Each result owns its ArrayBuffer.
+ * `close()` terminates the Workers and rejects whatever is still pending; an unused
+ * compressor starts no Worker, and a closed one keeps no process alive.
+ *
+ * Measured on this 2-core machine, 256 MiB of mixed data (half text-like, a quarter random,
+ * a quarter a repeated 64 KiB block) in FastCDC chunks, zstd-3 (see the module's commit
+ * message for the script): compression alone in-thread ~610 MB/s, 2 Workers ~740 MB/s;
+ * the import pipeline chunk + SHA-256 + compress ~300 MB/s in-thread, ~430 MB/s with
+ * 2 Workers. `workers: 0` compresses in the calling thread.
+ *
+ * @example
+ * ```ts
+ * const compressor = new ChunkCompressor({ compression: "zstd" });
+ * try {
+ *   const frames = await Promise.all(chunks.map((c) => compressor.compress(c)));
+ * } finally {
+ *   compressor.close();
+ * }
+ * ```
+ */
+export class ChunkCompressor {
+  #config: CompressionConfig;
+  #size: number;
+  #workers: PoolWorker[] = [];
+  #batch: Uint8Array | null = null;
+  #batchUsed = 0;
+  #batchLengths: number[] = [];
+  #batchPending: Pending[] = [];
+  #flushScheduled = false;
+  #closed = false;
+
+  /** Creates a pool; Workers start on the first {@link ChunkCompressor.compress} call. */
+  constructor(options: ChunkCompressorOptions) {
+    parseChunkCompression(options.compression);
+    checkLevel(options.compression, options.level);
+    const workers = options.workers ?? navigator.hardwareConcurrency ?? 1;
+    if (!Number.isInteger(workers) || workers < 0) {
+      throw new RangeError(`Invalid worker count: ${workers}`);
+    }
+    this.#config = { compression: options.compression, level: options.level };
+    this.#size = options.compression === "none" ? 0 : workers;
+  }
+
+  /** The compression every chunk gets. */
+  get compression(): ChunkCompression {
+    return this.#config.compression;
+  }
+
+  /** Number of Workers (0: in-thread). */
+  get workers(): number {
+    return this.#size;
+  }
+
+  /** Chunks given to {@link ChunkCompressor.compress} and not yet settled. */
+  get pending(): number {
+    let total = this.#batchPending.length;
+    for (const w of this.#workers) total += w.queued;
+    return total;
+  }
+
+  /** Compresses one chunk into one frame/stream; `bytes` is copied, not kept. */
+  compress(bytes: Uint8Array): Promise<Uint8Array> {
+    if (this.#closed) return Promise.reject(new Error("ChunkCompressor is closed"));
+    const { compression, level } = this.#config;
+    if (this.#size === 0) {
+      try {
+        const out = compressChunk(bytes, compression, { level });
+        return Promise.resolve(out === bytes ? bytes.slice() : out);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+    }
+    if (this.#batch !== null && this.#batchUsed + bytes.length > this.#batch.length) {
+      this.#flush();
+    }
+    if (this.#batch === null) {
+      this.#batch = new Uint8Array(Math.max(BATCH_BYTES, bytes.length));
+      this.#batchUsed = 0;
+    }
+    this.#batch.set(bytes, this.#batchUsed);
+    this.#batchUsed += bytes.length;
+    this.#batchLengths.push(bytes.length);
+    const promise = new Promise<Uint8Array>((resolve, reject) => {
+      this.#batchPending.push({ resolve, reject });
+    });
+    if (this.#batchUsed >= BATCH_BYTES) {
+      this.#flush();
+    } else if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      queueMicrotask(() => {
+        this.#flushScheduled = false;
+        this.#flush();
+      });
+    }
+    return promise;
+  }
+
+  /** Terminates the Workers; chunks still pending are rejected. Idempotent. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    const error = new Error("ChunkCompressor is closed");
+    for (const p of this.#batchPending) p.reject(error);
+    this.#batch = null;
+    this.#batchLengths = [];
+    this.#batchPending = [];
+    for (const w of this.#workers) {
+      w.worker.terminate();
+      for (const batch of w.batches) for (const p of batch) p.reject(error);
+      w.batches = [];
+      w.queued = 0;
+    }
+    this.#workers = [];
+  }
+
+  /** Same as {@link ChunkCompressor.close}, for `using`. */
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  #flush(): void {
+    if (this.#closed || this.#batch === null || this.#batchPending.length === 0) return;
+    const data = this.#batch.buffer as ArrayBuffer;
+    const lengths = Uint32Array.from(this.#batchLengths).buffer;
+    const pending = this.#batchPending;
+    this.#batch = null;
+    this.#batchUsed = 0;
+    this.#batchLengths = [];
+    this.#batchPending = [];
+    const target = this.#pickWorker();
+    target.batches.push(pending);
+    target.queued += pending.length;
+    try {
+      const batch: CompressionBatch = [data, lengths];
+      target.worker.postMessage(batch, [data, lengths]);
+    } catch (error) {
+      target.batches.pop();
+      target.queued -= pending.length;
+      for (const p of pending) p.reject(error);
+    }
+  }
+
+  #pickWorker(): PoolWorker {
+    let best: PoolWorker | undefined;
+    for (const w of this.#workers) if (best === undefined || w.queued < best.queued) best = w;
+    if (best !== undefined && (best.queued === 0 || this.#workers.length >= this.#size)) {
+      return best;
+    }
+    const spawned = this.#spawn();
+    this.#workers.push(spawned);
+    return spawned;
+  }
+
+  #spawn(): PoolWorker {
+    const worker = new Worker(new URL("./compression_worker.ts", import.meta.url), {
+      type: "module",
+    });
+    const entry: PoolWorker = { worker, batches: [], queued: 0 };
+    worker.postMessage(this.#config);
+    worker.onmessage = (event: MessageEvent<CompressionReply>) => {
+      const batch = entry.batches.shift();
+      if (batch === undefined) return;
+      entry.queued -= batch.length;
+      const reply = event.data;
+      if (Array.isArray(reply)) {
+        const frames = new Uint8Array(reply[0]);
+        const lengths = new Uint32Array(reply[1]);
+        let offset = 0;
+        for (let i = 0; i < batch.length; i++) {
+          batch[i].resolve(frames.slice(offset, offset + lengths[i]));
+          offset += lengths[i];
+        }
+      } else {
+        const error = rebuildError(reply.error);
+        for (const p of batch) p.reject(error);
+      }
+    };
+    worker.onerror = (event: ErrorEvent) => {
+      event.preventDefault();
+      const error = new Error(`Compression worker failed: ${event.message}`);
+      for (const batch of entry.batches) for (const p of batch) p.reject(error);
+      entry.batches = [];
+      entry.queued = 0;
+      worker.terminate();
+      this.#workers = this.#workers.filter((w) => w !== entry);
+    };
+    return entry;
+  }
+}
