@@ -243,11 +243,20 @@ export function parseNarInfo(
  * @example
  * ```ts
  * formatNarInfo({
- *   storePath: "/nix/store/…-hello", url: "nar/….nar.zst", compression: "zstd",
- *   narHash: "sha256:…", narSize: 120, references: [], sigs: [],
+ *   storePath: "/nix/store/jph49rz6j1b4f6hlvsx2prn3p3fkcadp-arca-narinfo-dep",
+ *   url: "nar/x.nar",
+ *   compression: "none",
+ *   narHash: "sha256-e9vJ5kB9nT7UCtxk10a+Y2a19Y7maMawKGYAi771cgI=",
+ *   narSize: 120,
+ *   references: [],
+ *   sigs: [],
  * });
- * // "StorePath: /nix/store/…-hello\nURL: nar/….nar.zst\nCompression: zstd\n
- * //  NarHash: sha256:…\nNarSize: 120\nReferences: \n"
+ * // StorePath: /nix/store/jph49rz6j1b4f6hlvsx2prn3p3fkcadp-arca-narinfo-dep
+ * // URL: nar/x.nar
+ * // Compression: none
+ * // NarHash: sha256:00kjynz8n03652qccs76ivsvark3pr3dfr6w1ba3x7bx83kcknvv
+ * // NarSize: 120
+ * // References: (with a trailing space)
  * ```
  */
 export function formatNarInfo(info: NarInfo): string {
