@@ -157,17 +157,46 @@ export function compressChunk(
           [zlib.constants.ZSTD_c_checksumFlag]: 0,
         },
         pledgedSrcSize: bytes.length,
+        // One output buffer above ZSTD_compressBound: the frame comes out in one piece.
+        chunkSize: bytes.length + (bytes.length >> 7) + 512,
       } as zlib.ZstdOptions);
-      return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+      return compact(singleZstdFrame(out));
     }
-    case "xz": {
-      const out = xz().compressSync(bytes);
-      return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
-    }
+    case "xz":
+      return compact(xz().compressSync(bytes));
     case "none":
       return bytes;
   }
   throw new FormatError(`Unsupported chunk compression: ${JSON.stringify(compression)}`);
+}
+
+/**
+ * The bytes as a plain Uint8Array (not a node Buffer) owning its whole ArrayBuffer, so that
+ * no slack is retained behind a small frame. (`Buffer#slice` does not copy: avoid it.)
+ */
+function compact(bytes: Uint8Array): Uint8Array {
+  if (bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength) {
+    return new Uint8Array(bytes.buffer, 0, bytes.byteLength);
+  }
+  return new Uint8Array(bytes);
+}
+
+/**
+ * The first zstd frame of `zstdCompressSync` output. Deno's node:zlib (2.9.6) sometimes ends
+ * the output with an extra EMPTY frame (`28 b5 2f fd 20 00 01 00 00`, seen for 16 KiB of
+ * random input with the default output chunk size); a chunk must be one frame, so trailing
+ * frames are dropped after checking that they hold no content.
+ */
+function singleZstdFrame(out: Uint8Array): Uint8Array {
+  const first = zstdFrameInfo(out).length;
+  for (let offset = first; offset < out.length;) {
+    const extra = zstdFrameInfo(out.subarray(offset));
+    if (extra.contentSize !== 0) {
+      throw new Error("zstd compressor produced several non-empty frames for one chunk");
+    }
+    offset += extra.length;
+  }
+  return out.subarray(0, first);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -288,7 +317,7 @@ function decompressZstd(bytes: Uint8Array, maxSize: number): Uint8Array {
       `Cannot decompress zstd chunk: got ${out.length} bytes, header says ${frame.contentSize}`,
     );
   }
-  return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+  return compact(out);
 }
 
 const XZ_HEADER_MAGIC = [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00];
@@ -372,7 +401,7 @@ function decompressXz(bytes: Uint8Array, maxSize: number): Uint8Array {
       `Cannot decompress xz chunk: got ${out.length} bytes, index says ${declared}`,
     );
   }
-  return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+  return compact(out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,7 +532,7 @@ export class ChunkCompressor {
     if (this.#size === 0) {
       try {
         const out = compressChunk(bytes, compression, { level });
-        return Promise.resolve(out === bytes ? bytes.slice() : out);
+        return Promise.resolve(out === bytes ? new Uint8Array(bytes) : out);
       } catch (error) {
         return Promise.reject(error);
       }
