@@ -20,7 +20,10 @@
  * removes the narinfo first, then the index entry. There are no locks, so concurrent
  * writers of the SAME path (or a crash between the steps) can leave an index entry whose
  * narinfo is gone or has another FileHash; {@link MetadataStore.findByFileHash} therefore
- * returns a path only after reading its narinfo and finding that FileHash in it. Hash
+ * returns a path only after reading its narinfo and finding that FileHash in it. The other
+ * way round, the narinfo that wins such a race always keeps its index entry: a writer
+ * checks its entry after writing the narinfo, and whoever removes an entry reads the
+ * narinfo again afterwards and restores the entry if it matches. Hash
  * parts are validated (32 nix32 characters) before they become file names, and FileHash
  * directory names are nix32 too, so no name can reach outside the directory.
  * @module
@@ -104,6 +107,10 @@ class FsMetadataStore implements MetadataStore {
     const oldIndex = await this.#currentIndexKey(hashPart);
     if (newIndex !== undefined) await this.#addIndexEntry(newIndex, hashPart);
     await this.#writeNarinfo(hashPart, text, registeredAt);
+    if (newIndex !== undefined && !(await exists(this.#indexEntryPath(newIndex, hashPart)))) {
+      // A concurrent writer of this path removed it as its old entry; it is ours again.
+      await this.#addIndexEntry(newIndex, hashPart);
+    }
     if (oldIndex !== undefined && oldIndex !== newIndex) {
       await this.#removeIndexEntry(oldIndex, hashPart);
     }
@@ -175,7 +182,10 @@ class FsMetadataStore implements MetadataStore {
       }
       if (created) await syncDir(this.#indexDir);
       try {
-        const file = await Deno.open(join(dir, hashPart), { write: true, create: true });
+        const file = await Deno.open(this.#indexEntryPath(key, hashPart), {
+          write: true,
+          create: true,
+        });
         file.close();
       } catch (error) {
         // A deleter removed the directory after it emptied it; make it again.
@@ -190,6 +200,11 @@ class FsMetadataStore implements MetadataStore {
   /**
    * Removes an index entry, and its directory once empty. Not synced: an entry that comes
    * back after a crash leads to no narinfo with its FileHash, and is ignored.
+   *
+   * Then it reads the narinfo again and puts the entry back if the path has that FileHash
+   * now (a concurrent `putPath` of the same path wrote it in between). With `putPath`
+   * checking its own entry after its write, the last narinfo written always keeps its
+   * index entry, whatever the interleaving of writers.
    */
   async #removeIndexEntry(key: string, hashPart: string): Promise<void> {
     const dir = join(this.#indexDir, key);
@@ -200,6 +215,11 @@ class FsMetadataStore implements MetadataStore {
       // Another path shares the FileHash (or a writer is adding one), or it is gone already.
       if (!(error instanceof Deno.errors.NotFound) && !isDirectoryNotEmpty(error)) throw error;
     }
+    if ((await this.#currentIndexKey(hashPart)) === key) await this.#addIndexEntry(key, hashPart);
+  }
+
+  #indexEntryPath(key: string, hashPart: string): string {
+    return join(this.#indexDir, key, hashPart);
   }
 
   async #writeNarinfo(hashPart: string, text: string, registeredAt: number): Promise<void> {
@@ -275,6 +295,16 @@ async function syncDir(path: string): Promise<void> {
     await dir.sync();
   } finally {
     dir.close();
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return false;
+    throw error;
   }
 }
 
