@@ -26,6 +26,8 @@ import { isValidHashPart, parseStorePath } from "./store_path.ts";
 import { openKvMetadata } from "./kv_metadata.ts";
 import { openFsMetadata } from "./fs_metadata.ts";
 
+export type { NarInfo };
+
 /** The metadata backends, as `--backend` names them. */
 export type MetadataBackend = "kv" | "filesystem";
 
