@@ -297,3 +297,45 @@ Deno.test("ChunkCompressor: invalid options are rejected", () => {
     FormatError,
   );
 });
+
+Deno.test("a process using ChunkCompressor exits by itself after close()", async () => {
+  const url = new URL("../../src/cache/compression.ts", import.meta.url).href;
+  const script = `
+    import { ChunkCompressor } from ${JSON.stringify(url)};
+    const compressor = new ChunkCompressor({ compression: "zstd", workers: 2 });
+    const frames = await Promise.all(
+      [1, 2, 3, 4].map((n) => compressor.compress(new Uint8Array(200000).fill(n))),
+    );
+    compressor.close();
+    console.log(frames.length);
+  `;
+  const forgetful = `
+    import { ChunkCompressor } from ${JSON.stringify(url)};
+    const compressor = new ChunkCompressor({ compression: "zstd", idleTimeoutMs: 50 });
+    await compressor.compress(new Uint8Array(1000));
+    console.log(1); // no close(): idle Workers retire, then the process exits
+  `;
+  for (const [code, expected] of [[script, "4"], [forgetful, "1"]]) {
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["eval", "--quiet", code],
+      cwd: new URL("../../", import.meta.url),
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    // a safety net only: a process kept alive by a Worker would never exit
+    const timer = setTimeout(() => child.kill("SIGKILL"), 60_000);
+    const out = await child.output();
+    clearTimeout(timer);
+    assert.ok(out.success, `exit ${out.code}: ${new TextDecoder().decode(out.stderr)}`);
+    assert.equal(new TextDecoder().decode(out.stdout).trim(), expected);
+  }
+});
+
+Deno.test("ChunkCompressor: Workers retired when idle are respawned on demand", async () => {
+  using compressor = new ChunkCompressor({ compression: "zstd", workers: 1, idleTimeoutMs: 1 });
+  for (let round = 0; round < 3; round++) {
+    const data = sampleData(50_000, round);
+    assert.deepEqual(decompressChunk(await compressor.compress(data), "zstd"), data);
+    await new Promise((resolve) => setTimeout(resolve, 30));
+  }
+});
