@@ -7,6 +7,7 @@
  *
  * - zstd: `node:zlib` `zstdCompressSync`, level 3 by default, with the frame content size
  *   written into the header (pledgedSrcSize) and no checksum (the chunk id is a SHA-256).
+ *   Deno's `zstdCompressSync` sometimes appends an empty second frame; it is stripped.
  * - xz: `@napi-rs/lzma` `xz.compressSync`: preset 6 and CRC64, the same as Nix's own
  *   `compression=xz` (liblzma `lzma_easy_encoder(6, LZMA_CHECK_CRC64)`); no other preset is
  *   offered because the synchronous binding has none. Loading the binding needs
@@ -479,11 +480,13 @@ const BATCH_BYTES = 1024 * 1024;
  * also retired after `idleTimeoutMs` (and respawned on demand), so a forgotten `close()`
  * only delays exit.
  *
- * Measured on this 2-core machine, 256 MiB of mixed data (half text-like, a quarter random,
- * a quarter a repeated 64 KiB block) in FastCDC chunks, zstd-3 (see the module's commit
- * message for the script): compression alone in-thread ~610 MB/s, 2 Workers ~740 MB/s;
- * the import pipeline chunk + SHA-256 + compress ~300 MB/s in-thread, ~430 MB/s with
- * 2 Workers. `workers: 0` compresses in the calling thread.
+ * Measured on a 2-core machine (Deno 2.9.6), the import pipeline StreamChunker + SHA-256 +
+ * zstd-3 over 256 MiB pushed in 1 MiB pieces: real binaries (/usr/lib, /usr/bin; ratio
+ * 0.36) ~160 MB/s in-thread, ~230 MB/s with 1 or 2 Workers; synthetic mixed data (half
+ * text-like, a quarter random, a quarter a repeated block; very compressible) ~300 MB/s
+ * in-thread, ~320–380 MB/s with 2 Workers. xz: ~3 MB/s in-thread, ~6 MB/s on 2 Workers.
+ * Unbatched (one message per chunk) the pool was slower than in-thread. `workers: 0`
+ * compresses in the calling thread.
  *
  * @example
  * ```ts
