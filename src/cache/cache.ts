@@ -1,0 +1,401 @@
+/**
+ * The cache facade: imports a NAR stream into the deduplicated chunk store, opens stored
+ * NARs as streams (compressed as served, or decompressed), lists paths and reports sizes.
+ * It wires the pure codecs (NAR validator, FastCDC, narinfo, signing) to the I/O modules
+ * (chunk store, manifest store, metadata backend).
+ *
+ * Import order, for crash safety (DESIGN.md §3): chunks (each durable), then the manifest,
+ * then the narinfo record in one atomic metadata commit. A narinfo is never visible before
+ * all its data is durable, and a failed import (bad NAR, hash mismatch) records nothing;
+ * chunks it wrote stay unreferenced until garbage collection.
+ * @module
+ */
+
+import { IntegrityError, NotFoundError } from "../errors.ts";
+import { ChunkStore } from "./chunk_store.ts";
+import { StreamChunker } from "./chunker.ts";
+import {
+  type ChunkCompression,
+  ChunkCompressor,
+  decompressChunk,
+  narFileExtension,
+  nixCompressionName,
+} from "./compression.ts";
+import { createSha256, formatBase16, formatNixHash, parseNixHash, sha256 } from "./hash.ts";
+import { type Manifest, type ManifestEntry, ManifestStore } from "./manifest.ts";
+import {
+  type MetadataBackend,
+  type MetadataStore,
+  openMetadata,
+  type PathRecord,
+} from "./metadata.ts";
+import { narValidator } from "./nar.ts";
+import type { NarInfo } from "./narinfo.ts";
+import { encodeNixBase32 } from "./nixbase32.ts";
+import { type SecretKey, signatureKeyName, signNarInfo } from "./signing.ts";
+import { parseStorePath } from "./store_path.ts";
+
+/** What an import needs to know about a path besides its NAR. */
+export interface PathMetadata {
+  /** Full store path. */
+  storePath: string;
+  /** Base names of the referenced paths. */
+  references: string[];
+  /** Base name of the deriver. */
+  deriver?: string;
+  ca?: string;
+  /** Signatures the path already carries (`name:base64`). */
+  sigs: string[];
+  /** The NAR hash the origin claims (any SHA-256 form); the import fails if ours differs. */
+  narHash?: string;
+  /** The NAR size the origin claims; the import fails if ours differs. */
+  narSize?: number;
+}
+
+/** Options of {@link Cache.importNar}. */
+export interface ImportOptions {
+  compression: ChunkCompression;
+  /** Adds this key's signature to the narinfo. */
+  signingKey?: SecretKey;
+  /** A compressor pool to reuse across imports; one is made (and closed) otherwise. */
+  compressor?: ChunkCompressor;
+}
+
+/** What an import did. */
+export interface ImportResult {
+  record: PathRecord;
+  chunks: number;
+  /** Chunks this import wrote (the rest were already stored). */
+  newChunks: number;
+  /** Bytes of chunk files this import wrote. */
+  newStoredBytes: number;
+}
+
+/** Sizes of the whole cache, for `status`. */
+export interface CacheStats {
+  paths: number;
+  narBytes: number;
+  storedBytes: number;
+  chunks: number;
+  /** narBytes / storedBytes (1 when empty). */
+  dedupRatio: number;
+}
+
+/** A stored NAR ready to be served. */
+export interface StoredNar {
+  record: PathRecord;
+  manifest: Manifest;
+}
+
+/** Chunks whose compression runs at once during an import (bounds memory: ≤ 256 KiB each). */
+const IMPORT_WINDOW = 32;
+
+/** The local cache: chunk store + manifests + metadata, under one cache directory. */
+export class Cache {
+  readonly cacheDir: string;
+  readonly backend: MetadataBackend;
+  readonly metadata: MetadataStore;
+  readonly chunks: ChunkStore;
+  readonly manifests: ManifestStore;
+
+  private constructor(cacheDir: string, backend: MetadataBackend, metadata: MetadataStore) {
+    this.cacheDir = cacheDir;
+    this.backend = backend;
+    this.metadata = metadata;
+    this.chunks = new ChunkStore(cacheDir);
+    this.manifests = new ManifestStore(cacheDir);
+  }
+
+  /** Opens (creating if needed) the cache in `cacheDir` with the given metadata backend. */
+  static async open(cacheDir: string, options: { backend: MetadataBackend }): Promise<Cache> {
+    await Deno.mkdir(cacheDir, { recursive: true });
+    const metadata = await openMetadata(cacheDir, options.backend);
+    return new Cache(cacheDir, options.backend, metadata);
+  }
+
+  /** Releases the metadata store. */
+  close(): void {
+    this.metadata.close();
+  }
+
+  /** The record of a path by hash part, or null. */
+  getPath(hashPart: string): Promise<PathRecord | null> {
+    return this.metadata.getPath(hashPart);
+  }
+
+  /** Every path record, sorted by hash part. */
+  listPaths(): AsyncIterable<PathRecord> {
+    return this.metadata.listPaths();
+  }
+
+  /**
+   * Imports one NAR: validates it as it streams, splits it into chunks, stores the chunks
+   * not yet present (compressed), writes the manifest and then the narinfo record.
+   * IntegrityError when the NAR does not match `meta.narHash`/`meta.narSize`; FormatError
+   * when it is not a valid NAR. Nothing becomes visible unless everything succeeded.
+   */
+  async importNar(
+    nar: ReadableStream<Uint8Array>,
+    meta: PathMetadata,
+    options: ImportOptions,
+  ): Promise<ImportResult> {
+    parseStorePath(meta.storePath);
+    const compression = options.compression;
+    const compressor = options.compressor ?? new ChunkCompressor({ compression });
+    try {
+      const stored = await this.#storeChunks(nar, compression, compressor);
+      const { manifest } = stored;
+      if (meta.narHash !== undefined) {
+        const expected = parseNixHash(meta.narHash);
+        if (formatBase16(expected) !== formatBase16(manifest.narHash)) {
+          throw new IntegrityError(
+            `NAR hash mismatch for ${meta.storePath}: expected ${formatNixHash(expected)}, got ${
+              formatNixHash(manifest.narHash)
+            }`,
+          );
+        }
+      }
+      if (meta.narSize !== undefined && meta.narSize !== manifest.narSize) {
+        throw new IntegrityError(
+          `NAR size mismatch for ${meta.storePath}: expected ${meta.narSize}, got ${manifest.narSize}`,
+        );
+      }
+      await this.manifests.write(manifest);
+      const narInfo: NarInfo = {
+        storePath: meta.storePath,
+        url: `nar/${encodeNixBase32(manifest.fileHash)}.${narFileExtension(compression)}`,
+        compression: nixCompressionName(compression),
+        fileHash: formatNixHash(manifest.fileHash),
+        fileSize: manifest.fileSize,
+        narHash: formatNixHash(manifest.narHash),
+        narSize: manifest.narSize,
+        references: [...meta.references],
+        deriver: meta.deriver,
+        sigs: [...meta.sigs],
+        ca: meta.ca,
+      };
+      if (options.signingKey) addSignature(narInfo, options.signingKey);
+      const record: PathRecord = { narInfo, registeredAt: Date.now() };
+      await this.metadata.putPath(record);
+      return {
+        record,
+        chunks: manifest.chunks.length,
+        newChunks: stored.newChunks,
+        newStoredBytes: stored.newStoredBytes,
+      };
+    } finally {
+      if (!options.compressor) compressor.close();
+    }
+  }
+
+  async #storeChunks(
+    nar: ReadableStream<Uint8Array>,
+    compression: ChunkCompression,
+    compressor: ChunkCompressor,
+  ): Promise<{ manifest: Manifest; newChunks: number; newStoredBytes: number }> {
+    const narHash = createSha256();
+    const fileHash = createSha256();
+    const chunker = new StreamChunker();
+    const entries: ManifestEntry[] = [];
+    const window: Promise<{ entry: ManifestEntry; file: Uint8Array }>[] = [];
+    // Chunks being stored by this import, so a chunk repeated within the NAR is stored once.
+    const inFlight = new Map<string, Promise<Uint8Array>>();
+    let narSize = 0;
+    let fileSize = 0;
+    let newChunks = 0;
+    let newStoredBytes = 0;
+
+    const storeChunk = async (id: string, chunk: Uint8Array): Promise<Uint8Array> => {
+      if (await this.chunks.has(id, compression)) return await this.chunks.read(id, compression);
+      const file = await compressor.compress(chunk);
+      if (await this.chunks.put(id, file, compression)) {
+        newChunks++;
+        newStoredBytes += file.length;
+      }
+      return file;
+    };
+    const start = (chunk: Uint8Array) => {
+      const id = formatBase16(sha256(chunk));
+      let file = inFlight.get(id);
+      if (!file) {
+        file = storeChunk(id, chunk);
+        inFlight.set(id, file);
+      }
+      const size = chunk.length;
+      window.push(
+        file.then((bytes) => ({ entry: { id, size, storedSize: bytes.length }, file: bytes })),
+      );
+    };
+    const finishOldest = async () => {
+      const { entry, file } = await window.shift()!;
+      fileHash.update(file);
+      fileSize += file.length;
+      entries.push(entry);
+      if (inFlight.get(entry.id) && !window.length) inFlight.clear();
+    };
+
+    const reader = nar.pipeThrough(narValidator()).getReader();
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        narHash.update(value);
+        narSize += value.length;
+        for (const chunk of chunker.push(value)) start(chunk);
+        while (window.length > IMPORT_WINDOW) await finishOldest();
+        if (inFlight.size > 4 * IMPORT_WINDOW) await drainAll();
+      }
+      for (const chunk of chunker.finish()) start(chunk);
+      await drainAll();
+    } catch (error) {
+      await reader.cancel().catch(() => {});
+      // Settle what is in flight before reporting, so no write outlives the import.
+      await Promise.allSettled(window);
+      throw error;
+    }
+    return {
+      manifest: {
+        compression,
+        narHash: narHash.digest(),
+        narSize,
+        fileHash: fileHash.digest(),
+        fileSize,
+        chunks: entries,
+      },
+      newChunks,
+      newStoredBytes,
+    };
+
+    async function drainAll() {
+      while (window.length) await finishOldest();
+      inFlight.clear();
+    }
+  }
+
+  /**
+   * The stored NAR whose FileHash is `fileHash` (`sha256:…` or bare nix32), with its
+   * manifest; null when no path has it.
+   */
+  async findNar(fileHash: string): Promise<StoredNar | null> {
+    const hashPart = await this.metadata.findByFileHash(fileHash);
+    if (hashPart === null) return null;
+    return await this.narOfPath(hashPart);
+  }
+
+  /** The stored NAR of a path (by hash part), or null when the path is not cached. */
+  async narOfPath(hashPart: string): Promise<StoredNar | null> {
+    const record = await this.metadata.getPath(hashPart);
+    if (record === null || record.narInfo.fileHash === undefined) return null;
+    try {
+      const manifest = await this.manifests.read(parseNixHash(record.narInfo.fileHash));
+      return { record, manifest };
+    } catch (error) {
+      if (error instanceof NotFoundError) return null;
+      throw error;
+    }
+  }
+
+  /** Ids of the manifest's chunks that are missing from the chunk store (empty when whole). */
+  async missingChunks(manifest: Manifest): Promise<string[]> {
+    const missing: string[] = [];
+    const unique = [...new Set(manifest.chunks.map((c) => c.id))];
+    for (let i = 0; i < unique.length; i += 64) {
+      const batch = unique.slice(i, i + 64);
+      const present = await Promise.all(
+        batch.map((id) => this.chunks.has(id, manifest.compression)),
+      );
+      batch.forEach((id, j) => present[j] || missing.push(id));
+    }
+    return missing;
+  }
+
+  /**
+   * The NAR as served (the concatenated chunk files), optionally only bytes
+   * `[start, end)` of it. Streams chunk file by chunk file; errors the stream if a chunk
+   * is missing or has the wrong size, so a cut-short body never looks complete.
+   */
+  openStoredNar(
+    manifest: Manifest,
+    range: { start: number; end: number } = { start: 0, end: manifest.fileSize },
+  ): ReadableStream<Uint8Array> {
+    const chunks = this.chunks;
+    let index = 0;
+    let chunkStart = 0;
+    // Skip the chunks before the range.
+    while (
+      index < manifest.chunks.length &&
+      chunkStart + manifest.chunks[index].storedSize <= range.start
+    ) {
+      chunkStart += manifest.chunks[index].storedSize;
+      index++;
+    }
+    return new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        if (index >= manifest.chunks.length || chunkStart >= range.end) {
+          controller.close();
+          return;
+        }
+        const entry = manifest.chunks[index];
+        const bytes = await chunks.read(entry.id, manifest.compression);
+        if (bytes.length !== entry.storedSize) {
+          throw new IntegrityError(
+            `Chunk ${entry.id} has ${bytes.length} bytes, manifest says ${entry.storedSize}`,
+          );
+        }
+        const from = Math.max(range.start - chunkStart, 0);
+        const to = Math.min(range.end - chunkStart, bytes.length);
+        controller.enqueue(from === 0 && to === bytes.length ? bytes : bytes.subarray(from, to));
+        chunkStart += entry.storedSize;
+        index++;
+      },
+    }, { highWaterMark: 4 });
+  }
+
+  /**
+   * The NAR itself (decompressed chunk by chunk), each chunk checked against its id.
+   */
+  openNar(manifest: Manifest): ReadableStream<Uint8Array> {
+    const chunks = this.chunks;
+    let index = 0;
+    return new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        if (index >= manifest.chunks.length) {
+          controller.close();
+          return;
+        }
+        const entry = manifest.chunks[index++];
+        const file = await chunks.read(entry.id, manifest.compression);
+        const chunk = decompressChunk(file, manifest.compression);
+        if (formatBase16(sha256(chunk)) !== entry.id) {
+          throw new IntegrityError(`Chunk ${entry.id} does not match its hash`);
+        }
+        controller.enqueue(chunk);
+      },
+    }, { highWaterMark: 2 });
+  }
+
+  /** Totals over the whole cache. */
+  async stats(): Promise<CacheStats> {
+    let paths = 0;
+    let narBytes = 0;
+    for await (const record of this.metadata.listPaths()) {
+      paths++;
+      narBytes += record.narInfo.narSize;
+    }
+    const { chunks, storedBytes } = await this.chunks.stats();
+    return {
+      paths,
+      narBytes,
+      storedBytes,
+      chunks,
+      dedupRatio: storedBytes === 0 ? 1 : narBytes / storedBytes,
+    };
+  }
+}
+
+/** Adds `key`'s signature to `narInfo` unless it already carries one from that key name. */
+export function addSignature(narInfo: NarInfo, key: SecretKey): boolean {
+  if (narInfo.sigs.some((sig) => signatureKeyName(sig) === key.name)) return false;
+  narInfo.sigs = [...narInfo.sigs, signNarInfo(narInfo, key)].sort();
+  return true;
+}

@@ -1,0 +1,280 @@
+/**
+ * Configuration: the `config.toml` schema, its defaults, first-run creation and the
+ * precedence flag > environment > config file > default.
+ *
+ * The file lives at `$XDG_CONFIG_HOME/pares-arca/config.toml` (default
+ * `~/.config/pares-arca/config.toml`) unless `--config` names another. On first run, when
+ * the default file does not exist, it is created with every setting commented out at its
+ * default. An invalid file is an error naming the key and the line; the file is never
+ * rewritten, so nothing in it is lost.
+ * @module
+ */
+
+import { parse as parseToml, TomlError } from "smol-toml";
+import { ConfigError, NotFoundError, UsageError } from "./errors.ts";
+
+/** Settings a config file may hold (snake_case as in the file). */
+export interface FileConfig {
+  cache_dir?: string;
+  backend?: string;
+  compression?: string;
+  signing_key_path?: string;
+  bind?: string;
+  priority?: number;
+}
+
+/** The effective settings after applying defaults, config, environment and flags. */
+export interface Settings {
+  /** The config file that was read (it may not exist when named by `--config`: it must). */
+  configPath: string;
+  /** The directory holding the config file; `sign-keygen` writes keys here. */
+  configDir: string;
+  cacheDir: string;
+  backend: "kv" | "filesystem";
+  compression: "zstd" | "xz";
+  signingKeyPath?: string;
+  bind: string;
+  priority: number;
+}
+
+/** Values given on the command line; undefined means "not given". */
+export interface FlagSettings {
+  config?: string;
+  cacheDir?: string;
+  backend?: string;
+  compression?: string;
+  signingKey?: string;
+  bind?: string;
+  priority?: string | number;
+}
+
+/** Where the environment is read from; tests pass their own. */
+export type Environment = Record<string, string | undefined>;
+
+const KEY_TYPES: Record<keyof FileConfig, "string" | "integer"> = {
+  cache_dir: "string",
+  backend: "string",
+  compression: "string",
+  signing_key_path: "string",
+  bind: "string",
+  priority: "integer",
+};
+
+/** Default bind address of the substituter. */
+export const DEFAULT_BIND = "127.0.0.1:5555";
+/** Default `Priority` advertised in nix-cache-info (cache.nixos.org uses 40). */
+export const DEFAULT_PRIORITY = 30;
+
+function homeDir(env: Environment): string {
+  const home = env.HOME;
+  if (!home) throw new UsageError("Cannot find the home directory: HOME is not set");
+  return home;
+}
+
+/** The default config file path: `$XDG_CONFIG_HOME/pares-arca/config.toml`. */
+export function defaultConfigPath(env: Environment): string {
+  const base = env.XDG_CONFIG_HOME || `${homeDir(env)}/.config`;
+  return `${base}/pares-arca/config.toml`;
+}
+
+/** The default cache directory: `$XDG_CACHE_HOME/pares-arca`. */
+export function defaultCacheDir(env: Environment): string {
+  const base = env.XDG_CACHE_HOME || `${homeDir(env)}/.cache`;
+  return `${base}/pares-arca`;
+}
+
+/** The text written on first run: every setting commented out at its default. */
+export function defaultConfigText(env: Environment): string {
+  return `# pares-arca configuration. Every setting below is commented out at its default.
+# Precedence: command-line flag > environment (PARES_ARCA_DIR) > this file > default.
+
+# Where chunks, manifests and metadata live (env PARES_ARCA_DIR, flag --cache-dir).
+# cache_dir = ${JSON.stringify(defaultCacheDir(env))}
+
+# Metadata backend: "kv" (Deno KV) or "filesystem" (flag --backend).
+# backend = "kv"
+
+# Compression of newly stored chunks: "zstd" (level 3) or "xz" (flag --compression).
+# compression = "zstd"
+
+# Secret key (Nix format, from \`arca sign-keygen\` or \`nix key generate-secret\`) used to
+# sign imported paths and, in \`serve\`, narinfos lacking its signature (flag --signing-key).
+# signing_key_path = "/path/to/my-cache.secret"
+
+# Address the substituter listens on (flag --bind).
+# bind = "${DEFAULT_BIND}"
+
+# Priority advertised in /nix-cache-info; lower is preferred by Nix (flag --priority).
+# priority = ${DEFAULT_PRIORITY}
+`;
+}
+
+function lineOfKey(text: string, key: string): number | undefined {
+  const lines = text.split("\n");
+  const pattern = new RegExp(`^\\s*["']?${key}["']?\\s*=`);
+  const index = lines.findIndex((line) => pattern.test(line));
+  return index === -1 ? undefined : index + 1;
+}
+
+/**
+ * Parses and validates config file text. Errors name the file, the line and the key.
+ */
+export function parseConfigText(text: string, path: string): FileConfig {
+  let raw: Record<string, unknown>;
+  try {
+    raw = parseToml(text) as Record<string, unknown>;
+  } catch (error) {
+    if (error instanceof TomlError) {
+      const detail = error.message.split("\n")[0];
+      throw new ConfigError(`Invalid config ${path} line ${error.line}: ${detail}`);
+    }
+    throw error;
+  }
+  const config: FileConfig = {};
+  for (const [key, value] of Object.entries(raw)) {
+    const where = `config ${path} line ${lineOfKey(text, key) ?? "?"}`;
+    if (!(key in KEY_TYPES)) {
+      throw new ConfigError(
+        `Invalid ${where}: unknown key '${key}' (known: ${Object.keys(KEY_TYPES).join(", ")})`,
+      );
+    }
+    const expected = KEY_TYPES[key as keyof FileConfig];
+    if (expected === "string" && typeof value !== "string") {
+      throw new ConfigError(`Invalid ${where}: '${key}' must be a string`);
+    }
+    if (expected === "integer" && (typeof value !== "number" || !Number.isSafeInteger(value))) {
+      throw new ConfigError(`Invalid ${where}: '${key}' must be an integer`);
+    }
+    try {
+      validateSetting(key as keyof FileConfig, value as string | number);
+    } catch (error) {
+      if (error instanceof UsageError) {
+        throw new ConfigError(`Invalid ${where}: ${error.message}`);
+      }
+      throw error;
+    }
+    (config as Record<string, unknown>)[key] = value;
+  }
+  return config;
+}
+
+function validateSetting(key: keyof FileConfig, value: string | number): void {
+  switch (key) {
+    case "backend":
+      if (value !== "kv" && value !== "filesystem") {
+        throw new UsageError(
+          `'backend' must be "kv" or "filesystem", not ${JSON.stringify(value)}`,
+        );
+      }
+      break;
+    case "compression":
+      if (value !== "zstd" && value !== "xz") {
+        throw new UsageError(`'compression' must be "zstd" or "xz", not ${JSON.stringify(value)}`);
+      }
+      break;
+    case "bind":
+      parseBindAddress(String(value));
+      break;
+    case "priority":
+      if (typeof value !== "number" || !Number.isSafeInteger(value) || value < 0 || value > 1000) {
+        throw new UsageError(`'priority' must be an integer from 0 to 1000, not ${value}`);
+      }
+      break;
+    case "cache_dir":
+    case "signing_key_path":
+      if (String(value) === "") throw new UsageError(`'${key}' must not be empty`);
+      break;
+  }
+}
+
+/** A `host:port` listen address. */
+export interface BindAddress {
+  hostname: string;
+  port: number;
+}
+
+/** Parses `host:port` or `[v6]:port`; UsageError when malformed. */
+export function parseBindAddress(text: string): BindAddress {
+  const match = /^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$/.exec(text);
+  const port = match ? Number(match[3]) : NaN;
+  if (!match || port > 65535) {
+    throw new UsageError(
+      `Invalid bind address '${text}': expected host:port, e.g. ${DEFAULT_BIND}`,
+    );
+  }
+  return { hostname: match[1] ?? match[2], port };
+}
+
+/**
+ * Reads the config file (creating the default one on first run) and merges it with the
+ * environment and flags.
+ */
+export async function loadSettings(
+  flags: FlagSettings,
+  options: { env?: Environment } = {},
+): Promise<Settings> {
+  const env = options.env ?? Deno.env.toObject();
+  const configPath = flags.config ?? env.PARES_ARCA_CONFIG ?? defaultConfigPath(env);
+  let text: string;
+  try {
+    text = await Deno.readTextFile(configPath);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+    if (flags.config !== undefined) {
+      throw new NotFoundError(`Config file not found: ${configPath}`);
+    }
+    text = defaultConfigText(env);
+    await writeDefaultConfig(configPath, text);
+  }
+  const file = parseConfigText(text, configPath);
+
+  const flagOr = <T>(flag: T | undefined, key: keyof FileConfig): string | undefined => {
+    if (flag === undefined) return undefined;
+    const value = String(flag);
+    validateSetting(key, key === "priority" ? parsePriority(value) : value);
+    return value;
+  };
+  const backend = flagOr(flags.backend, "backend") ?? file.backend ?? "kv";
+  const compression = flagOr(flags.compression, "compression") ?? file.compression ?? "zstd";
+  const bind = flagOr(flags.bind, "bind") ?? file.bind ?? DEFAULT_BIND;
+  const priority = flags.priority !== undefined
+    ? parsePriority(String(flags.priority))
+    : file.priority ?? DEFAULT_PRIORITY;
+  validateSetting("priority", priority);
+  const cacheDir = flags.cacheDir ?? (env.PARES_ARCA_DIR || undefined) ?? file.cache_dir ??
+    defaultCacheDir(env);
+  if (cacheDir === "") throw new UsageError("--cache-dir must not be empty");
+  const signingKeyPath = flags.signingKey ?? file.signing_key_path;
+  return {
+    configPath,
+    configDir: configPath.slice(0, Math.max(configPath.lastIndexOf("/"), 0)) || ".",
+    cacheDir: expandHome(cacheDir, env),
+    backend: backend as Settings["backend"],
+    compression: compression as Settings["compression"],
+    signingKeyPath: signingKeyPath === undefined ? undefined : expandHome(signingKeyPath, env),
+    bind,
+    priority,
+  };
+}
+
+function parsePriority(text: string): number {
+  if (!/^\d{1,4}$/.test(text)) {
+    throw new UsageError(`'priority' must be an integer from 0 to 1000, not ${text}`);
+  }
+  return Number(text);
+}
+
+function expandHome(path: string, env: Environment): string {
+  return path === "~" || path.startsWith("~/") ? homeDir(env) + path.slice(1) : path;
+}
+
+async function writeDefaultConfig(path: string, text: string): Promise<void> {
+  const dir = path.slice(0, path.lastIndexOf("/"));
+  if (dir) await Deno.mkdir(dir, { recursive: true });
+  try {
+    // createNew: never overwrite a file another process created meanwhile.
+    await Deno.writeTextFile(path, text, { createNew: true });
+  } catch (error) {
+    if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
+  }
+}

@@ -1,0 +1,228 @@
+/**
+ * The HTTP substituter: a plain `(Request) => Promise<Response>` handler over a
+ * {@link Cache}, so tests need no socket; `arca serve` puts it behind `Deno.serve`.
+ *
+ * Routes (Nix's HTTP binary cache protocol, DESIGN.md §4):
+ * - `GET|HEAD /nix-cache-info`
+ * - `GET|HEAD /<hash>.narinfo` (signed on the fly when a signing key is given)
+ * - `GET|HEAD /nar/<nix32 FileHash>.nar.zst|.nar.xz|.nar` streamed chunk file by chunk
+ *   file, with Content-Length and single `Range` requests; never a 200 unless every chunk
+ *   is present
+ * - `GET|HEAD /<hash>.ls` (the NAR listing)
+ *
+ * Request paths are read raw (before URL normalization) and must consist of the few
+ * characters these routes use: anything with `..`, `//`, `%`, NUL, a backslash or over
+ * 512 bytes is a 400, an unknown route a 404. No file name is ever built from a request
+ * except from a validated hash. Errors become statuses here and nowhere else.
+ * @module
+ */
+
+import { addSignature, type Cache, type StoredNar } from "../cache/cache.ts";
+import { narFileExtension } from "../cache/compression.ts";
+import { ArcaError, FormatError, NotFoundError } from "../errors.ts";
+import { formatNarListing, listNar } from "../cache/nar.ts";
+import { formatNarInfo } from "../cache/narinfo.ts";
+import { isNixBase32 } from "../cache/nixbase32.ts";
+import type { SecretKey } from "../cache/signing.ts";
+import { isValidHashPart } from "../cache/store_path.ts";
+
+/** Options of {@link createHandler}. */
+export interface HandlerOptions {
+  /** Priority advertised in nix-cache-info. */
+  priority: number;
+  /** Signs narinfos that lack a signature from this key, as they are served. */
+  signingKey?: SecretKey;
+  /** Called for every request that failed with a server error (and, if set, all requests). */
+  log?: (message: string) => void;
+  /** Log every request, not only failures. */
+  logRequests?: boolean;
+}
+
+/** A request handler as `Deno.serve` takes it. */
+export type Handler = (request: Request) => Promise<Response>;
+
+const MAX_PATH_LENGTH = 512;
+const SAFE_PATH = /^\/[A-Za-z0-9._+=\/-]*$/;
+
+/** Error with an HTTP status, thrown inside the handler and turned into a response. */
+class HttpError extends Error {
+  constructor(readonly status: number, message: string) {
+    super(message);
+  }
+}
+
+function text(status: number, body: string, headers: HeadersInit = {}): Response {
+  return new Response(body, {
+    status,
+    headers: { "content-type": "text/plain; charset=utf-8", ...headers },
+  });
+}
+
+/** The raw path of a request URL, before any normalization (`..` and `%2e` included). */
+export function rawRequestPath(url: string): string {
+  const scheme = url.indexOf("://");
+  const slash = url.indexOf("/", scheme === -1 ? 0 : scheme + 3);
+  if (slash === -1) return "/";
+  const path = url.slice(slash);
+  const end = path.search(/[?#]/);
+  return end === -1 ? path : path.slice(0, end);
+}
+
+function checkPath(path: string): void {
+  if (path.length > MAX_PATH_LENGTH) throw new HttpError(400, "Request path is too long");
+  if (!SAFE_PATH.test(path) || path.includes("..") || path.includes("//")) {
+    throw new HttpError(400, "Malformed request path");
+  }
+}
+
+/** Parses a `Range` header against a body of `size` bytes: null for the whole body. */
+export function parseRange(
+  header: string | null,
+  size: number,
+): { start: number; end: number } | null {
+  if (header === null) return null;
+  const match = /^bytes=(\d*)-(\d*)$/.exec(header.trim());
+  if (!match || (match[1] === "" && match[2] === "")) {
+    // Multiple or malformed ranges: ignoring the header is allowed (RFC 9110 §14.2).
+    return null;
+  }
+  let start: number;
+  let end: number;
+  if (match[1] === "") {
+    const suffix = Number(match[2]);
+    start = Math.max(size - suffix, 0);
+    end = size;
+    if (suffix === 0) throw new HttpError(416, "Range not satisfiable");
+  } else {
+    start = Number(match[1]);
+    end = match[2] === "" ? size : Math.min(Number(match[2]) + 1, size);
+    if (match[2] !== "" && Number(match[2]) < start) return null;
+  }
+  if (start >= size) throw new HttpError(416, "Range not satisfiable");
+  return { start, end };
+}
+
+/** Builds the substituter's request handler. */
+export function createHandler(cache: Cache, options: HandlerOptions): Handler {
+  const cacheInfo = `StoreDir: /nix/store\nWantMassQuery: 1\nPriority: ${options.priority}\n`;
+
+  async function narinfo(hashPart: string, head: boolean): Promise<Response> {
+    const record = await cache.getPath(hashPart);
+    if (record === null) throw new HttpError(404, "No such path");
+    const narInfo = { ...record.narInfo, sigs: [...record.narInfo.sigs] };
+    if (options.signingKey) addSignature(narInfo, options.signingKey);
+    const body = new TextEncoder().encode(formatNarInfo(narInfo));
+    return new Response(head ? null : body, {
+      headers: {
+        "content-type": "text/x-nix-narinfo",
+        "content-length": String(body.length),
+      },
+    });
+  }
+
+  async function storedNarOrThrow(found: StoredNar | null): Promise<StoredNar> {
+    if (found === null) throw new HttpError(404, "No such NAR");
+    const missing = await cache.missingChunks(found.manifest);
+    if (missing.length > 0) {
+      options.log?.(
+        `NAR of ${found.record.narInfo.storePath} is missing ${missing.length} chunk(s), e.g. ${
+          missing[0]
+        }: not served`,
+      );
+      throw new HttpError(
+        404,
+        `NAR is incomplete in this cache (${missing.length} chunks missing)`,
+      );
+    }
+    return found;
+  }
+
+  async function nar(fileHash: string, extension: string, request: Request): Promise<Response> {
+    const found = await cache.findNar(fileHash);
+    if (found && narFileExtension(found.manifest.compression) !== extension) {
+      throw new HttpError(404, "No such NAR in that compression");
+    }
+    const { manifest } = await storedNarOrThrow(found);
+    const size = manifest.fileSize;
+    const range = parseRange(request.headers.get("range"), size);
+    const headers: Record<string, string> = {
+      "content-type": "application/x-nix-nar",
+      "accept-ranges": "bytes",
+      "cache-control": "public, max-age=31536000, immutable",
+    };
+    if (range === null) {
+      headers["content-length"] = String(size);
+      const body = request.method === "HEAD" ? null : cache.openStoredNar(manifest);
+      return new Response(body, { status: 200, headers });
+    }
+    headers["content-length"] = String(range.end - range.start);
+    headers["content-range"] = `bytes ${range.start}-${range.end - 1}/${size}`;
+    const body = request.method === "HEAD" ? null : cache.openStoredNar(manifest, range);
+    return new Response(body, { status: 206, headers });
+  }
+
+  async function listing(hashPart: string, head: boolean): Promise<Response> {
+    const found = await storedNarOrThrow(await cache.narOfPath(hashPart));
+    const body = new TextEncoder().encode(
+      formatNarListing(await listNar(cache.openNar(found.manifest))),
+    );
+    return new Response(head ? null : body, {
+      headers: { "content-type": "application/json", "content-length": String(body.length) },
+    });
+  }
+
+  async function route(request: Request): Promise<Response> {
+    const path = rawRequestPath(request.url);
+    checkPath(path);
+    if (request.method !== "GET" && request.method !== "HEAD") {
+      throw new HttpError(405, "Method not allowed");
+    }
+    const head = request.method === "HEAD";
+    if (path === "/nix-cache-info") {
+      return new Response(head ? null : cacheInfo, {
+        headers: { "content-type": "text/x-nix-cache-info" },
+      });
+    }
+    let match = /^\/([^/]+)\.narinfo$/.exec(path);
+    if (match) {
+      if (!isValidHashPart(match[1])) throw new HttpError(400, "Malformed store path hash");
+      return await narinfo(match[1], head);
+    }
+    match = /^\/([^/]+)\.ls$/.exec(path);
+    if (match) {
+      if (!isValidHashPart(match[1])) throw new HttpError(400, "Malformed store path hash");
+      return await listing(match[1], head);
+    }
+    match = /^\/nar\/([^/.]+)\.(nar(?:\.zst|\.xz)?)$/.exec(path);
+    if (match) {
+      if (!isNixBase32(match[1], 32)) throw new HttpError(400, "Malformed NAR file hash");
+      return await nar(`sha256:${match[1]}`, match[2], request);
+    }
+    throw new HttpError(404, "Not found");
+  }
+
+  return async function handle(request: Request): Promise<Response> {
+    let response: Response;
+    try {
+      response = await route(request);
+    } catch (error) {
+      response = errorResponse(error, options.log);
+    }
+    if (options.logRequests) {
+      options.log?.(`${request.method} ${rawRequestPath(request.url)} ${response.status}`);
+    }
+    return response;
+  };
+}
+
+function errorResponse(error: unknown, log?: (message: string) => void): Response {
+  if (error instanceof HttpError) {
+    const headers: Record<string, string> = error.status === 405 ? { allow: "GET, HEAD" } : {};
+    return text(error.status, error.message + "\n", headers);
+  }
+  if (error instanceof FormatError) return text(400, error.message + "\n");
+  if (error instanceof NotFoundError) return text(404, error.message + "\n");
+  const message = error instanceof ArcaError ? error.message : String(error);
+  log?.(`Internal error: ${error instanceof Error ? error.stack ?? message : message}`);
+  return text(500, "Internal server error\n");
+}
