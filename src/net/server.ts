@@ -46,7 +46,11 @@ const SAFE_PATH = /^\/[A-Za-z0-9._+=\/-]*$/;
 
 /** Error with an HTTP status, thrown inside the handler and turned into a response. */
 class HttpError extends Error {
-  constructor(readonly status: number, message: string) {
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly headers: Record<string, string> = {},
+  ) {
     super(message);
   }
 }
@@ -92,14 +96,19 @@ export function parseRange(
     const suffix = Number(match[2]);
     start = Math.max(size - suffix, 0);
     end = size;
-    if (suffix === 0) throw new HttpError(416, "Range not satisfiable");
+    if (suffix === 0) throw rangeNotSatisfiable(size);
   } else {
     start = Number(match[1]);
     end = match[2] === "" ? size : Math.min(Number(match[2]) + 1, size);
     if (match[2] !== "" && Number(match[2]) < start) return null;
   }
-  if (start >= size) throw new HttpError(416, "Range not satisfiable");
+  if (start >= size) throw rangeNotSatisfiable(size);
   return { start, end };
+}
+
+function rangeNotSatisfiable(size: number): HttpError {
+  // RFC 9110 §14.4: a 416 names the current length as `bytes */<size>`.
+  return new HttpError(416, "Range not satisfiable", { "content-range": `bytes */${size}` });
 }
 
 /** Builds the substituter's request handler. */
@@ -217,7 +226,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
 
 function errorResponse(error: unknown, log?: (message: string) => void): Response {
   if (error instanceof HttpError) {
-    const headers: Record<string, string> = error.status === 405 ? { allow: "GET, HEAD" } : {};
+    const headers = error.status === 405 ? { allow: "GET, HEAD", ...error.headers } : error.headers;
     return text(error.status, error.message + "\n", headers);
   }
   if (error instanceof FormatError) return text(400, error.message + "\n");
