@@ -87,8 +87,11 @@ export interface StoredNar {
   manifest: Manifest;
 }
 
-/** Chunks whose compression runs at once during an import (bounds memory: ≤ 256 KiB each). */
-const IMPORT_WINDOW = 32;
+/**
+ * Uncompressed bytes of chunks an import keeps in flight (being compressed and written)
+ * before it waits for the oldest: bounds memory while keeping both cores busy.
+ */
+const IMPORT_WINDOW_BYTES = 8 * 1024 * 1024;
 
 /** The local cache: chunk store + manifests + metadata, under one cache directory. */
 export class Cache {
@@ -197,41 +200,61 @@ export class Cache {
     const fileHash = createSha256();
     const chunker = new StreamChunker();
     const entries: ManifestEntry[] = [];
-    const window: Promise<{ entry: ManifestEntry; file: Uint8Array }>[] = [];
-    // Chunks being stored by this import, so a chunk repeated within the NAR is stored once.
-    const inFlight = new Map<string, Promise<Uint8Array>>();
+    // Chunks in order, each with the promise of its stored (compressed) bytes.
+    const window: { entry: ManifestEntry; file: Promise<Uint8Array> }[] = [];
+    let windowBytes = 0;
+    // Chunks of this import not yet hashed into FileHash, so a chunk repeated within the
+    // NAR is compressed and written once: id → [file promise, uses in the window].
+    const inFlight = new Map<string, [Promise<Uint8Array>, number]>();
     let narSize = 0;
     let fileSize = 0;
     let newChunks = 0;
     let newStoredBytes = 0;
 
-    const storeChunk = async (id: string, chunk: Uint8Array): Promise<Uint8Array> => {
-      if (await this.chunks.has(id, compression)) return await this.chunks.read(id, compression);
-      const file = await compressor.compress(chunk);
+    const store = async (id: string, pending: Promise<Uint8Array>): Promise<Uint8Array> => {
+      const file = await pending;
       if (await this.chunks.put(id, file, compression)) {
         newChunks++;
         newStoredBytes += file.length;
       }
       return file;
     };
-    const start = (chunk: Uint8Array) => {
-      const id = formatBase16(sha256(chunk));
-      let file = inFlight.get(id);
-      if (!file) {
-        file = storeChunk(id, chunk);
-        inFlight.set(id, file);
-      }
-      const size = chunk.length;
-      window.push(
-        file.then((bytes) => ({ entry: { id, size, storedSize: bytes.length }, file: bytes })),
-      );
+    // Hashes a batch of chunks, checks which are stored, and starts compressing the rest
+    // in one synchronous pass, so the compressor sends them to its Workers as one batch.
+    const startBatch = async (chunks: Uint8Array[]) => {
+      if (chunks.length === 0) return;
+      const ids = chunks.map((chunk) => formatBase16(sha256(chunk)));
+      const unknown = [...new Set(ids.filter((id) => !inFlight.has(id)))];
+      const stored = new Set<string>();
+      const present = await Promise.all(unknown.map((id) => this.chunks.has(id, compression)));
+      unknown.forEach((id, i) => present[i] && stored.add(id));
+      chunks.forEach((chunk, i) => {
+        const id = ids[i];
+        let slot = inFlight.get(id);
+        if (!slot) {
+          const file = stored.has(id)
+            ? this.chunks.read(id, compression)
+            : store(id, compressor.compress(chunk));
+          slot = [file, 0];
+          inFlight.set(id, slot);
+          // Rejections are handled where the window is drained.
+          file.catch(() => {});
+        }
+        slot[1]++;
+        window.push({ entry: { id, size: chunk.length, storedSize: 0 }, file: slot[0] });
+        windowBytes += chunk.length;
+      });
     };
     const finishOldest = async () => {
-      const { entry, file } = await window.shift()!;
+      const { entry, file: pending } = window.shift()!;
+      windowBytes -= entry.size;
+      const file = await pending;
+      entry.storedSize = file.length;
       fileHash.update(file);
       fileSize += file.length;
       entries.push(entry);
-      if (inFlight.get(entry.id) && !window.length) inFlight.clear();
+      const slot = inFlight.get(entry.id)!;
+      if (--slot[1] === 0) inFlight.delete(entry.id);
     };
 
     const reader = nar.pipeThrough(narValidator()).getReader();
@@ -241,16 +264,15 @@ export class Cache {
         if (done) break;
         narHash.update(value);
         narSize += value.length;
-        for (const chunk of chunker.push(value)) start(chunk);
-        while (window.length > IMPORT_WINDOW) await finishOldest();
-        if (inFlight.size > 4 * IMPORT_WINDOW) await drainAll();
+        await startBatch(chunker.push(value));
+        while (windowBytes > IMPORT_WINDOW_BYTES) await finishOldest();
       }
-      for (const chunk of chunker.finish()) start(chunk);
-      await drainAll();
+      await startBatch(chunker.finish());
+      while (window.length) await finishOldest();
     } catch (error) {
       await reader.cancel().catch(() => {});
       // Settle what is in flight before reporting, so no write outlives the import.
-      await Promise.allSettled(window);
+      await Promise.allSettled(window.map((w) => w.file));
       throw error;
     }
     return {
@@ -265,11 +287,6 @@ export class Cache {
       newChunks,
       newStoredBytes,
     };
-
-    async function drainAll() {
-      while (window.length) await finishOldest();
-      inFlight.clear();
-    }
   }
 
   /**

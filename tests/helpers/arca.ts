@@ -1,0 +1,147 @@
+/**
+ * Test helpers that run arca as a real process (`deno run -A main.ts`), the way users do:
+ * one-shot commands and a `serve` process on 127.0.0.1 that the test stops by PID.
+ * @module
+ */
+
+import { nixEnv } from "./nix.ts";
+
+/** The repository root. */
+export const REPO_ROOT: string = new URL("../../", import.meta.url).pathname;
+const MAIN = `${REPO_ROOT}main.ts`;
+
+/** A temp home for one test: config and cache dirs, plus the Nix environment. */
+export interface ArcaHome {
+  dir: string;
+  cacheDir: string;
+  configDir: string;
+  env: Record<string, string>;
+  cleanup(): Promise<void>;
+}
+
+/** Makes a fresh home: XDG dirs in a temp dir, Nix env of DESIGN.md §5. */
+export async function makeArcaHome(): Promise<ArcaHome> {
+  const dir = await Deno.makeTempDir({ prefix: "arca-test-" });
+  const env = nixEnv({
+    HOME: dir,
+    XDG_CONFIG_HOME: `${dir}/config`,
+    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+  });
+  return {
+    dir,
+    cacheDir: `${dir}/cache`,
+    configDir: `${dir}/config/pares-arca`,
+    env,
+    cleanup: () => Deno.remove(dir, { recursive: true }).catch(() => {}),
+  };
+}
+
+/** Result of a one-shot arca command. */
+export interface ArcaResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `arca <args>` to completion. */
+export async function runArca(
+  args: string[],
+  options: { env?: Record<string, string>; cwd?: string } = {},
+): Promise<ArcaResult> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--quiet", MAIN, ...args],
+    env: options.env,
+    cwd: options.cwd,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return {
+    code: out.code,
+    stdout: new TextDecoder().decode(out.stdout),
+    stderr: new TextDecoder().decode(out.stderr),
+  };
+}
+
+/** Runs `arca <args>` and throws with its stderr unless it exits 0; returns stdout. */
+export async function arcaOk(
+  args: string[],
+  options: { env?: Record<string, string> } = {},
+): Promise<string> {
+  const result = await runArca(args, options);
+  if (result.code !== 0) {
+    throw new Error(`arca ${args.join(" ")} exited ${result.code}: ${result.stderr}`);
+  }
+  return result.stdout;
+}
+
+/** A running `arca serve`. */
+export interface ArcaServer {
+  url: string;
+  pid: number;
+  /** Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it. */
+  stop(): Promise<void>;
+}
+
+/** Picks a free TCP port on 127.0.0.1. */
+export function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
+/** Starts `arca serve --bind 127.0.0.1:<free port> <args>` and waits until it listens. */
+export async function startServe(
+  args: string[],
+  options: { env?: Record<string, string> } = {},
+): Promise<ArcaServer> {
+  const port = freePort();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--quiet", MAIN, "serve", "--bind", `127.0.0.1:${port}`, ...args],
+    env: options.env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderrText = new Response(child.stderr).text();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let seen = "";
+  const deadline = setTimeout(() => child.kill("SIGKILL"), 30_000);
+  try {
+    while (!seen.includes("Serving ")) {
+      const { value, done } = await reader.read();
+      if (done) {
+        throw new Error(`arca serve exited before listening: ${await stderrText}`);
+      }
+      seen += value;
+    }
+  } finally {
+    clearTimeout(deadline);
+  }
+  // Keep draining stdout so the child never blocks on a full pipe.
+  (async () => {
+    while (!(await reader.read()).done);
+  })().catch(() => {});
+  let stopped: Promise<void> | undefined;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    pid: child.pid,
+    stop() {
+      stopped ??= (async () => {
+        try {
+          child.kill("SIGTERM");
+        } catch { /* already gone */ }
+        const timer = setTimeout(() => {
+          try {
+            child.kill("SIGKILL");
+          } catch { /* already gone */ }
+        }, 5000);
+        await child.status;
+        clearTimeout(timer);
+        await stderrText;
+      })();
+      return stopped;
+    },
+  };
+}
