@@ -7,19 +7,21 @@
  * - `GET|HEAD /<hash>.narinfo` (signed on the fly when a signing key is given)
  * - `GET|HEAD /nar/<nix32 FileHash>.nar.zst|.nar.xz|.nar` streamed chunk file by chunk
  *   file, with Content-Length and single `Range` requests; never a 200 unless every chunk
- *   is present
+ *   file is present, a regular file (no symlink) and of the size its manifest records
  * - `GET|HEAD /<hash>.ls` (the NAR listing)
  *
  * Request paths are read raw (before URL normalization) and must consist of the few
  * characters these routes use: anything with `..`, `//`, `%`, NUL, a backslash or over
  * 512 bytes is a 400, an unknown route a 404. No file name is ever built from a request
- * except from a validated hash. Errors become statuses here and nowhere else.
+ * except from a validated hash. Errors become statuses here and nowhere else: 400, 404,
+ * 405 and 416 for the request, 500 (details only in the log) for damaged cache data.
  * @module
  */
 
 import { addSignature, type Cache, type StoredNar } from "../cache/cache.ts";
 import { narFileExtension } from "../cache/compression.ts";
-import { ArcaError, FormatError, NotFoundError } from "../errors.ts";
+import type { Manifest } from "../cache/manifest.ts";
+import { ArcaError, NotFoundError } from "../errors.ts";
 import { formatNarListing, listNar } from "../cache/nar.ts";
 import { formatNarInfo } from "../cache/narinfo.ts";
 import { isNixBase32 } from "../cache/nixbase32.ts";
@@ -131,10 +133,10 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
 
   async function storedNarOrThrow(found: StoredNar | null): Promise<StoredNar> {
     if (found === null) throw new HttpError(404, "No such NAR");
-    const missing = await cache.missingChunks(found.manifest);
+    const missing = await unservableChunks(cache, found.manifest);
     if (missing.length > 0) {
       options.log?.(
-        `NAR of ${found.record.narInfo.storePath} is missing ${missing.length} chunk(s), e.g. ${
+        `NAR of ${found.record.narInfo.storePath} has ${missing.length} missing or damaged chunk(s), e.g. ${
           missing[0]
         }: not served`,
       );
@@ -224,13 +226,41 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   };
 }
 
+/**
+ * Ids of the manifest's chunks that cannot be served as they are: absent, not a regular
+ * file (a symlink is never followed) or not of the size the manifest records. Checked before
+ * a 200, so that a body is never cut short under a 200 (DESIGN.md §7).
+ */
+async function unservableChunks(cache: Cache, manifest: Manifest): Promise<string[]> {
+  const sizes = new Map<string, number>();
+  for (const chunk of manifest.chunks) sizes.set(chunk.id, chunk.storedSize);
+  const entries = [...sizes];
+  const bad: string[] = [];
+  for (let i = 0; i < entries.length; i += 64) {
+    const batch = entries.slice(i, i + 64);
+    const ok = await Promise.all(batch.map(async ([id, size]) => {
+      try {
+        const info = await Deno.lstat(cache.chunks.chunkPath(id, manifest.compression));
+        return info.isFile && info.size === size;
+      } catch (error) {
+        if (error instanceof Deno.errors.NotFound) return false;
+        throw error;
+      }
+    }));
+    batch.forEach(([id], j) => ok[j] || bad.push(id));
+  }
+  return bad;
+}
+
 function errorResponse(error: unknown, log?: (message: string) => void): Response {
   if (error instanceof HttpError) {
     const headers = error.status === 405 ? { allow: "GET, HEAD", ...error.headers } : error.headers;
     return text(error.status, error.message + "\n", headers);
   }
-  if (error instanceof FormatError) return text(400, error.message + "\n");
-  if (error instanceof NotFoundError) return text(404, error.message + "\n");
+  // Details of the cache's own errors (file names, stored text) stay in the log: a request
+  // is validated before it reaches the cache, so any other error means the stored data is
+  // damaged, and its message may quote that data.
+  if (error instanceof NotFoundError) return text(404, "Not found\n");
   const message = error instanceof ArcaError ? error.message : String(error);
   log?.(`Internal error: ${error instanceof Error ? error.stack ?? message : message}`);
   return text(500, "Internal server error\n");

@@ -375,6 +375,20 @@ for (const backend of BACKENDS) {
         }
       });
 
+      await t.step("a chunk file of the wrong size: 404, never a 200 cut short", async () => {
+        const info = await narinfoOf(handler, big.hashPart);
+        const stored = await fx.cache.findNar(info.fileHash!);
+        const victim = stored!.manifest.chunks[1];
+        const path = fx.cache.chunks.chunkPath(victim.id, compression);
+        const original = await Deno.readFile(path);
+        await Deno.writeFile(path, original.subarray(0, original.length - 1));
+        await expectStatus(await get(handler, `/${info.url}`), 404);
+        await expectStatus(await get(handler, `/${info.url}`, { range: "bytes=-10" }), 404);
+        await Deno.writeFile(path, original);
+        const { body } = await fetchNar(big);
+        assert.equal(sha256Nix(body), info.fileHash);
+      });
+
       await t.step("a chunk file missing from disk: 404, never a 200", async () => {
         const info = await narinfoOf(handler, big.hashPart);
         const stored = await fx.cache.findNar(info.fileHash!);
