@@ -109,9 +109,11 @@ export function defaultConfigText(env: Environment): string {
 `;
 }
 
+/** The line where a top-level key is set: `key =`, `key.sub =`, `"key" =` or `[key…]`. */
 function lineOfKey(text: string, key: string): number | undefined {
   const lines = text.split("\n");
-  const pattern = new RegExp(`^\\s*["']?${key}["']?\\s*=`);
+  const name = key.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  const pattern = new RegExp(`^\\s*(?:\\[{1,2}\\s*)?(["']?)${name}\\1\\s*[=.\\]]`);
   const index = lines.findIndex((line) => pattern.test(line));
   return index === -1 ? undefined : index + 1;
 }
@@ -173,7 +175,13 @@ function validateSetting(key: keyof FileConfig, value: string | number): void {
       }
       break;
     case "bind":
-      parseBindAddress(String(value));
+      try {
+        parseBindAddress(String(value));
+      } catch {
+        throw new UsageError(
+          `'bind' must be host:port, e.g. ${DEFAULT_BIND}, not ${JSON.stringify(value)}`,
+        );
+      }
       break;
     case "priority":
       if (typeof value !== "number" || !Number.isSafeInteger(value) || value < 0 || value > 1000) {
