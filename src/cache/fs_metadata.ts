@@ -6,6 +6,8 @@
  * <hash>.narinfo                    exactly the narinfo text served for the path (as
  *                                   `formatNarInfo` writes it); the file's mtime is the
  *                                   record's registeredAt, in milliseconds
+ * <hash>.segment                    the name of the path's segment (written before the
+ *                                   narinfo, removed after it)
  * by-file-hash/<nix32>/<hash>       empty file: index entry FileHash → path
  * .<hash>.<random>.tmp              a narinfo being written (ignored by readers)
  * ```
@@ -76,7 +78,9 @@ class FsMetadataStore implements MetadataStore {
     this.#checkOpen();
     checkHashPart(hashPart);
     const stored = await readNarinfoFile(this.#narinfoPath(hashPart));
-    return stored && readStoredRecord(hashPart, stored);
+    if (stored === null) return null;
+    const segment = await readSegmentFile(this.#segmentPath(hashPart));
+    return readStoredRecord(hashPart, { ...stored, segment });
   }
 
   async findByFileHash(fileHash: string): Promise<string | null> {
@@ -103,8 +107,15 @@ class FsMetadataStore implements MetadataStore {
 
   async putPath(record: PathRecord): Promise<void> {
     this.#checkOpen();
-    const { hashPart, text, fileHashKey: newIndex, registeredAt } = preparePathRecord(record);
+    const { hashPart, text, fileHashKey: newIndex, registeredAt, segment } = preparePathRecord(
+      record,
+    );
     const oldIndex = await this.#currentIndexKey(hashPart);
+    if (segment !== undefined) {
+      await this.#writeFile(this.#segmentPath(hashPart), hashPart, segment + "\n");
+    } else {
+      await removeIfPresent(this.#segmentPath(hashPart));
+    }
     if (newIndex !== undefined) await this.#addIndexEntry(newIndex, hashPart);
     await this.#writeNarinfo(hashPart, text, registeredAt);
     if (newIndex !== undefined && !(await exists(this.#indexEntryPath(newIndex, hashPart)))) {
@@ -127,6 +138,7 @@ class FsMetadataStore implements MetadataStore {
       throw error;
     }
     await syncDir(this.#dir);
+    await removeIfPresent(this.#segmentPath(hashPart));
     if (index !== undefined) await this.#removeIndexEntry(index, hashPart);
     return true;
   }
@@ -153,6 +165,10 @@ class FsMetadataStore implements MetadataStore {
 
   #narinfoPath(hashPart: string): string {
     return join(this.#dir, `${hashPart}.narinfo`);
+  }
+
+  #segmentPath(hashPart: string): string {
+    return join(this.#dir, `${hashPart}.segment`);
   }
 
   async #tryGetPath(hashPart: string): Promise<PathRecord | null> {
@@ -222,7 +238,12 @@ class FsMetadataStore implements MetadataStore {
     return join(this.#indexDir, key, hashPart);
   }
 
-  async #writeNarinfo(hashPart: string, text: string, registeredAt: number): Promise<void> {
+  #writeNarinfo(hashPart: string, text: string, registeredAt: number): Promise<void> {
+    return this.#writeFile(this.#narinfoPath(hashPart), hashPart, text, new Date(registeredAt));
+  }
+
+  /** Writes `text` to `path` durably: tmp + fsync + rename + fsync(dir); optional mtime. */
+  async #writeFile(path: string, hashPart: string, text: string, mtime?: Date): Promise<void> {
     const random = crypto.getRandomValues(new Uint8Array(8));
     const suffix = Array.from(random, (b) => b.toString(16).padStart(2, "0")).join("");
     const temp = join(this.#dir, `.${hashPart}.${suffix}.tmp`);
@@ -230,13 +251,12 @@ class FsMetadataStore implements MetadataStore {
     try {
       try {
         await writeAll(file, new TextEncoder().encode(text));
-        const time = new Date(registeredAt);
-        await file.utime(time, time);
+        if (mtime) await file.utime(mtime, mtime);
         await file.sync();
       } finally {
         file.close();
       }
-      await Deno.rename(temp, this.#narinfoPath(hashPart));
+      await Deno.rename(temp, path);
     } catch (error) {
       await removeIfPresent(temp);
       throw error;
@@ -281,6 +301,16 @@ async function readNarinfoFile(
     return { text, registeredAt: info.mtime.getTime() };
   } finally {
     file.close();
+  }
+}
+
+/** The segment name in a `<hash>.segment` file, or undefined when there is none. */
+async function readSegmentFile(path: string): Promise<string | undefined> {
+  try {
+    return (await Deno.readTextFile(path)).trim();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return undefined;
+    throw error;
   }
 }
 

@@ -4,7 +4,8 @@
  *
  * ```text
  * ["path", <hash>]               { narinfo: string, registeredAt: number, parts: number,
- *                                  fileHash?: string }     the record (fileHash: nix32 body)
+ *                                  fileHash?: string,      the record (fileHash: nix32 body)
+ *                                  segment?: string }
  * ["path", <hash>, <i>]          string                    i = 1 … parts-1: rest of the narinfo
  * ["fileHash", <nix32>, <hash>]  <hash>                    index: FileHash → paths
  * ```
@@ -64,6 +65,7 @@ interface Head {
   registeredAt: number;
   parts: number;
   fileHash?: string;
+  segment?: string;
 }
 
 type Entry = Deno.KvEntry<unknown>;
@@ -134,6 +136,7 @@ class KvMetadataStore implements MetadataStore {
       parts: pieces.length,
     };
     if (newIndex !== undefined) head.fileHash = newIndex;
+    if (prepared.segment !== undefined) head.segment = prepared.segment;
     for (let round = 0; round < MAX_COMMIT_ROUNDS; round++) {
       const entries = await this.#readEntries(hashPart);
       const current = currentState(entries);
@@ -288,7 +291,8 @@ function assemble(
     }
     text += part.value;
   }
-  return { record: readStoredRecord(hashPart, { text, registeredAt: head.registeredAt }) };
+  const segment = typeof head.segment === "string" ? head.segment : undefined;
+  return { record: readStoredRecord(hashPart, { text, registeredAt: head.registeredAt, segment }) };
 }
 
 /** Splits narinfo text into KV values of at most {@link PART_BYTES} serialized bytes. */

@@ -44,6 +44,8 @@ export interface PathRecord {
   narInfo: NarInfo;
   /** When this node registered the path, in milliseconds since the epoch (a safe integer ≥ 0). */
   registeredAt: number;
+  /** The segment the path belongs to (config `[[segments]]`); absent in records written before segments existed. */
+  segment?: string;
 }
 
 /** Storage of {@link PathRecord}s, one per store path, keyed by hash part. */
@@ -125,6 +127,8 @@ export interface PreparedRecord {
   fileHashKey?: string;
   /** As in the record. */
   registeredAt: number;
+  /** As in the record. */
+  segment?: string;
 }
 
 /**
@@ -145,8 +149,24 @@ export function preparePathRecord(record: PathRecord): PreparedRecord {
   const text = formatNarInfo(narInfo);
   const normalized = parseNarInfo(text);
   const prepared: PreparedRecord = { hashPart, text, registeredAt };
+  if (record.segment !== undefined) {
+    checkSegmentName(record.segment);
+    prepared.segment = record.segment;
+  }
   if (normalized.fileHash !== undefined) prepared.fileHashKey = fileHashKey(normalized.fileHash);
   return prepared;
+}
+
+/** Segment names: a letter or digit, then up to 63 letters, digits, `.`, `_` or `-`. */
+export const SEGMENT_NAME_RE: RegExp = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+/** Throws {@link FormatError} unless `name` is a valid segment name. */
+export function checkSegmentName(name: string): void {
+  if (typeof name !== "string" || !SEGMENT_NAME_RE.test(name)) {
+    throw new FormatError(
+      `Invalid segment name '${shorten(String(name))}': expected letters, digits, '.', '_' or '-'`,
+    );
+  }
 }
 
 /**
@@ -178,7 +198,7 @@ export function fileHashKey(fileHash: string): string {
  */
 export function readStoredRecord(
   hashPart: string,
-  stored: { text: string; registeredAt: number },
+  stored: { text: string; registeredAt: number; segment?: string },
 ): PathRecord {
   const { text, registeredAt } = stored;
   let narInfo: NarInfo;
@@ -195,7 +215,16 @@ export function readStoredRecord(
       `Corrupt metadata record ${hashPart}: it holds the narinfo of ${narInfo.storePath}`,
     );
   }
-  return { narInfo, registeredAt };
+  const record: PathRecord = { narInfo, registeredAt };
+  if (stored.segment !== undefined) {
+    try {
+      checkSegmentName(stored.segment);
+    } catch (cause) {
+      throw new FormatError(`Corrupt metadata record ${hashPart}: bad segment name`, { cause });
+    }
+    record.segment = stored.segment;
+  }
+  return record;
 }
 
 function shorten(text: string): string {

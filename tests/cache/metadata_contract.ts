@@ -143,6 +143,32 @@ export function metadataContract(name: string, open: () => Promise<MetadataFixtu
     }
   });
 
+  test("the segment round-trips, changes with a replace and goes with a delete", async ({ store, reopen }) => {
+    const info = testNarInfo("segmented");
+    const hashPart = hashOf(info);
+    await store.putPath({ narInfo: info, registeredAt: 5, segment: "team-a" });
+    assert.equal((await store.getPath(hashPart))?.segment, "team-a");
+    const other = await reopen();
+    try {
+      assert.equal((await other.getPath(hashPart))?.segment, "team-a");
+    } finally {
+      other.close();
+    }
+    await store.putPath({ narInfo: info, registeredAt: 5, segment: "universal" });
+    assert.equal((await store.getPath(hashPart))?.segment, "universal");
+    assert.deepEqual((await collect(store)).map((r) => r.segment), ["universal"]);
+    await store.putPath({ narInfo: info, registeredAt: 5 });
+    assert.equal((await store.getPath(hashPart))?.segment, undefined);
+    await store.putPath({ narInfo: info, registeredAt: 5, segment: "team-a" });
+    assert.equal(await store.deletePath(hashPart), true);
+    await store.putPath({ narInfo: info, registeredAt: 5 });
+    assert.equal((await store.getPath(hashPart))?.segment, undefined);
+    await assert.rejects(
+      store.putPath({ narInfo: info, registeredAt: 5, segment: "../etc" }),
+      FormatError,
+    );
+  });
+
   test("a missing path is null, deleting it is false", async ({ store }) => {
     assert.equal(await store.getPath(testHashPart("nothing")), null);
     assert.equal(await store.findByFileHash(testHash("nothing")), null);
