@@ -11,7 +11,19 @@
  */
 
 import { parse as parseToml, TomlError } from "smol-toml";
-import { ConfigError, NotFoundError, UsageError } from "./errors.ts";
+import { ConfigError, UsageError } from "./errors.ts";
+
+/** Which paths a segment takes (see src/cache/segments.ts). */
+export type SegmentFilter = "nixpkgs" | "custom" | "all";
+
+/** One `[[segments]]` table. */
+export interface SegmentConfig {
+  name: string;
+  /** The swarm topic key (64 hex digits from `arca keygen`); no swarm for this segment without it. */
+  topicKey?: string;
+  description?: string;
+  filter: SegmentFilter;
+}
 
 /** Settings a config file may hold (snake_case as in the file). */
 export interface FileConfig {
@@ -21,6 +33,9 @@ export interface FileConfig {
   signing_key_path?: string;
   bind?: string;
   priority?: number;
+  upload_token_file?: string;
+  read_token_file?: string;
+  segments?: SegmentConfig[];
 }
 
 /** The effective settings after applying defaults, config, environment and flags. */
@@ -35,6 +50,12 @@ export interface Settings {
   signingKeyPath?: string;
   bind: string;
   priority: number;
+  /** Uploads are accepted only with the token in this file; off when unset. */
+  uploadTokenFile?: string;
+  /** Reads need the token in this file; open when unset. */
+  readTokenFile?: string;
+  /** The segments, in order: the first whose filter matches a path gets it. */
+  segments: SegmentConfig[];
 }
 
 /** Values given on the command line; undefined means "not given". */
@@ -46,19 +67,36 @@ export interface FlagSettings {
   signingKey?: string;
   bind?: string;
   priority?: string | number;
+  uploadTokenFile?: string;
+  readTokenFile?: string;
 }
 
 /** Where the environment is read from; tests pass their own. */
 export type Environment = Record<string, string | undefined>;
 
-const KEY_TYPES: Record<keyof FileConfig, "string" | "integer"> = {
+const KEY_TYPES: Record<Exclude<keyof FileConfig, "segments">, "string" | "integer"> = {
   cache_dir: "string",
   backend: "string",
   compression: "string",
   signing_key_path: "string",
   bind: "string",
   priority: "integer",
+  upload_token_file: "string",
+  read_token_file: "string",
 };
+
+/** The segment every default configuration has: all paths, shared under its topic key. */
+export const UNIVERSAL_SEGMENT: SegmentConfig = Object.freeze({
+  name: "universal",
+  description: "every path this cache holds",
+  filter: "all",
+}) as SegmentConfig;
+
+/** Segment names: a letter or digit, then up to 63 letters, digits, `.`, `_` or `-`. */
+export const SEGMENT_NAME_RE: RegExp = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+const SEGMENT_KEYS = ["name", "topic_key", "description", "filter"];
+const SEGMENT_FILTERS: SegmentFilter[] = ["nixpkgs", "custom", "all"];
 
 /** Default bind address of the substituter. */
 export const DEFAULT_BIND = "127.0.0.1:5555";
@@ -106,6 +144,23 @@ export function defaultConfigText(env: Environment): string {
 
 # Priority advertised in /nix-cache-info; lower is preferred by Nix (flag --priority).
 # priority = ${DEFAULT_PRIORITY}
+
+# Uploads (\`nix copy --to http://…\`) are off unless this file holds a token; clients send
+# it as the HTTP Basic password (netrc) or as "Authorization: Bearer" (flag --upload-token-file).
+# upload_token_file = "/etc/pares-arca/upload-token"
+
+# With this set, reads need a token too (flag --read-token-file).
+# read_token_file = "/etc/pares-arca/read-token"
+
+# Segments, in order: a path goes to the first whose filter matches ("nixpkgs": signed by
+# cache.nixos.org-1; "custom": any other path; "all": everything); \`import --segment\`
+# overrides. topic_key (from \`arca keygen\`) is what swarm peers of the segment share.
+# Without any [[segments]] table, the one below is the default.
+# [[segments]]
+# name = "universal"
+# description = "every path this cache holds"
+# filter = "all"
+# topic_key = "<64 hex digits from arca keygen>"
 `;
 }
 
@@ -135,12 +190,19 @@ export function parseConfigText(text: string, path: string): FileConfig {
   const config: FileConfig = {};
   for (const [key, value] of Object.entries(raw)) {
     const where = `config ${path} line ${lineOfKey(text, key) ?? "?"}`;
+    if (key === "segments") {
+      config.segments = parseSegments(value, text, path);
+      continue;
+    }
     if (!(key in KEY_TYPES)) {
       throw new ConfigError(
-        `Invalid ${where}: unknown key '${key}' (known: ${Object.keys(KEY_TYPES).join(", ")})`,
+        `Invalid ${where}: unknown key '${key}' (known: ${
+          [...Object.keys(KEY_TYPES), "segments"].join(", ")
+        })`,
       );
     }
-    const expected = KEY_TYPES[key as keyof FileConfig];
+    const configKey = key as keyof typeof KEY_TYPES;
+    const expected = KEY_TYPES[configKey];
     if (expected === "string" && typeof value !== "string") {
       throw new ConfigError(`Invalid ${where}: '${key}' must be a string`);
     }
@@ -148,7 +210,7 @@ export function parseConfigText(text: string, path: string): FileConfig {
       throw new ConfigError(`Invalid ${where}: '${key}' must be an integer`);
     }
     try {
-      validateSetting(key as keyof FileConfig, value as string | number);
+      validateSetting(configKey, value as string | number);
     } catch (error) {
       if (error instanceof UsageError) {
         throw new ConfigError(`Invalid ${where}: ${error.message}`);
@@ -160,7 +222,75 @@ export function parseConfigText(text: string, path: string): FileConfig {
   return config;
 }
 
-function validateSetting(key: keyof FileConfig, value: string | number): void {
+function lineOfSegment(text: string, index: number): number | undefined {
+  const lines = text.split("\n");
+  let seen = -1;
+  for (let i = 0; i < lines.length; i++) {
+    if (/^\s*\[\[\s*segments\s*\]\]/.test(lines[i]) && ++seen === index) return i + 1;
+  }
+  return undefined;
+}
+
+function parseSegments(value: unknown, text: string, path: string): SegmentConfig[] {
+  if (!Array.isArray(value)) {
+    throw new ConfigError(
+      `Invalid config ${path} line ${
+        lineOfKey(text, "segments") ?? "?"
+      }: 'segments' must be an array of tables ([[segments]])`,
+    );
+  }
+  const names = new Set<string>();
+  return value.map((table, index) => {
+    const where = `config ${path} line ${lineOfSegment(text, index) ?? "?"} ([[segments]] #${
+      index + 1
+    })`;
+    if (table === null || typeof table !== "object" || Array.isArray(table)) {
+      throw new ConfigError(`Invalid ${where}: expected a table`);
+    }
+    const entries = table as Record<string, unknown>;
+    for (const [key, field] of Object.entries(entries)) {
+      if (!SEGMENT_KEYS.includes(key)) {
+        throw new ConfigError(
+          `Invalid ${where}: unknown key '${key}' (known: ${SEGMENT_KEYS.join(", ")})`,
+        );
+      }
+      if (typeof field !== "string") {
+        throw new ConfigError(`Invalid ${where}: '${key}' must be a string`);
+      }
+    }
+    const name = entries.name as string | undefined;
+    if (name === undefined) throw new ConfigError(`Invalid ${where}: 'name' is required`);
+    if (!SEGMENT_NAME_RE.test(name)) {
+      throw new ConfigError(
+        `Invalid ${where}: 'name' must be letters, digits, '.', '_' or '-' (at most 64), not ${
+          JSON.stringify(name)
+        }`,
+      );
+    }
+    if (names.has(name)) {
+      throw new ConfigError(`Invalid ${where}: segment '${name}' is defined twice`);
+    }
+    names.add(name);
+    const filter = (entries.filter ?? "all") as SegmentFilter;
+    if (!SEGMENT_FILTERS.includes(filter)) {
+      throw new ConfigError(
+        `Invalid ${where}: 'filter' must be ${SEGMENT_FILTERS.join(", ")}, not ${
+          JSON.stringify(filter)
+        }`,
+      );
+    }
+    const topicKey = entries.topic_key as string | undefined;
+    if (topicKey !== undefined && topicKey.length === 0) {
+      throw new ConfigError(`Invalid ${where}: 'topic_key' must not be empty`);
+    }
+    const segment: SegmentConfig = { name, filter };
+    if (topicKey !== undefined) segment.topicKey = topicKey;
+    if (entries.description !== undefined) segment.description = entries.description as string;
+    return segment;
+  });
+}
+
+function validateSetting(key: keyof typeof KEY_TYPES, value: string | number): void {
   switch (key) {
     case "backend":
       if (value !== "kv" && value !== "filesystem") {
@@ -190,6 +320,8 @@ function validateSetting(key: keyof FileConfig, value: string | number): void {
       break;
     case "cache_dir":
     case "signing_key_path":
+    case "upload_token_file":
+    case "read_token_file":
       if (String(value) === "") throw new UsageError(`'${key}' must not be empty`);
       break;
   }
@@ -229,14 +361,14 @@ export async function loadSettings(
   } catch (error) {
     if (!(error instanceof Deno.errors.NotFound)) throw error;
     if (flags.config !== undefined) {
-      throw new NotFoundError(`Config file not found: ${configPath}`);
+      throw new ConfigError(`Config file not found: ${configPath}`);
     }
     text = defaultConfigText(env);
     await writeDefaultConfig(configPath, text);
   }
   const file = parseConfigText(text, configPath);
 
-  const flagOr = <T>(flag: T | undefined, key: keyof FileConfig): string | undefined => {
+  const flagOr = <T>(flag: T | undefined, key: keyof typeof KEY_TYPES): string | undefined => {
     if (flag === undefined) return undefined;
     const value = String(flag);
     validateSetting(key, key === "priority" ? parsePriority(value) : value);
@@ -253,6 +385,8 @@ export async function loadSettings(
     defaultCacheDir(env);
   if (cacheDir === "") throw new UsageError("--cache-dir must not be empty");
   const signingKeyPath = flags.signingKey ?? file.signing_key_path;
+  const uploadTokenFile = flags.uploadTokenFile ?? file.upload_token_file;
+  const readTokenFile = flags.readTokenFile ?? file.read_token_file;
   return {
     configPath,
     configDir: configPath.slice(0, Math.max(configPath.lastIndexOf("/"), 0)) || ".",
@@ -262,6 +396,9 @@ export async function loadSettings(
     signingKeyPath: signingKeyPath === undefined ? undefined : expandHome(signingKeyPath, env),
     bind,
     priority,
+    uploadTokenFile: uploadTokenFile === undefined ? undefined : expandHome(uploadTokenFile, env),
+    readTokenFile: readTokenFile === undefined ? undefined : expandHome(readTokenFile, env),
+    segments: file.segments ?? [{ ...UNIVERSAL_SEGMENT }],
   };
 }
 

@@ -95,6 +95,9 @@ Deno.test("config: first run writes the commented default file, which parses to 
       signingKeyPath: undefined,
       bind: DEFAULT_BIND,
       priority: DEFAULT_PRIORITY,
+      uploadTokenFile: undefined,
+      readTokenFile: undefined,
+      segments: [{ name: "universal", description: "every path this cache holds", filter: "all" }],
     });
   });
 });
@@ -104,7 +107,7 @@ Deno.test("config: the commented values are the defaults", async () => {
     const text = defaultConfigText(home.env)
       .split("\n")
       .map((line) =>
-        /^# [a-z_]+ = /.test(line) && !line.startsWith("# signing_key_path") ? line.slice(2) : line
+        /^# (cache_dir|backend|compression|bind|priority) = /.test(line) ? line.slice(2) : line
       )
       .join("\n");
     await writeConfig(home, text);
@@ -218,7 +221,7 @@ Deno.test("config: --config names the file; a missing one is an error", async ()
     await assert.rejects(Deno.stat(home.configPath), Deno.errors.NotFound);
 
     const missing = `${home.root}/nope/arca.toml`;
-    await assertLoadFails(loadSettings({ config: missing }, { env: home.env }), NotFoundError, [
+    await assertLoadFails(loadSettings({ config: missing }, { env: home.env }), ConfigError, [
       missing,
     ]);
     await assert.rejects(Deno.stat(missing), Deno.errors.NotFound);
@@ -317,4 +320,45 @@ Deno.test("config: parseBindAddress", () => {
   for (const bad of ["", "127.0.0.1", ":80", "host:65536", "a b:1", "[::1:80", "h:-1"]) {
     assert.throws(() => parseBindAddress(bad), UsageError, bad);
   }
+});
+
+Deno.test("config: [[segments]] are read in order; bad ones name the table's line", async () => {
+  await withHome(async (home) => {
+    const text = [
+      "# teams",
+      "[[segments]]",
+      'name = "team"',
+      'filter = "custom"',
+      'topic_key = "' + "ab".repeat(32) + '"',
+      "",
+      "[[segments]]",
+      'name = "universal"',
+      'description = "the rest"',
+      "",
+    ].join("\n");
+    await writeConfig(home, text);
+    const settings = await loadSettings({}, { env: home.env });
+    assert.deepEqual(settings.segments, [
+      { name: "team", filter: "custom", topicKey: "ab".repeat(32) },
+      { name: "universal", filter: "all", description: "the rest" },
+    ]);
+    const cases: [string, number, string][] = [
+      ['[[segments]]\nname = "a"\n\n[[segments]]\nname = "b"\nfilter = "some"\n', 4, "filter"],
+      ['[[segments]]\nname = "a"\n[[segments]]\nname = "a"\n', 3, "defined twice"],
+      ['[[segments]]\nfilter = "all"\n', 1, "'name' is required"],
+      ['[[segments]]\nname = "../x"\n', 1, "'name'"],
+      ['[[segments]]\nname = "a"\ncolour = "red"\n', 1, "unknown key 'colour'"],
+      ['segments = "x"\n', 1, "array of tables"],
+    ];
+    for (const [bad, line, detail] of cases) {
+      await writeConfig(home, bad);
+      await assert.rejects(loadSettings({}, { env: home.env }), (error: Error) => {
+        assert.ok(error instanceof ConfigError, String(error));
+        assert.match(error.message, new RegExp(`line ${line}\\b`), error.message);
+        assert.ok(error.message.includes(detail), error.message);
+        return true;
+      });
+      assert.equal(await Deno.readTextFile(home.configPath), bad, "the file is left as it was");
+    }
+  });
 });

@@ -11,7 +11,11 @@
  * @module
  */
 
+import { join } from "node:path";
 import { IntegrityError, NotFoundError } from "../errors.ts";
+import { AccessTimes } from "./access_times.ts";
+import { type AuditEventType, AuditLog } from "./audit.ts";
+import { withWriterLock } from "./cache_lock.ts";
 import { ChunkStore } from "./chunk_store.ts";
 import { StreamChunker } from "./chunker.ts";
 import {
@@ -59,6 +63,19 @@ export interface ImportOptions {
   signingKey?: SecretKey;
   /** A compressor pool to reuse across imports; one is made (and closed) otherwise. */
   compressor?: ChunkCompressor;
+  /** The segment the path goes to (see segments.ts). */
+  segment?: string;
+  /** How the audit log names the event; default "Import". */
+  auditAs?: AuditEventType;
+}
+
+/** An uploaded NAR, chunked and held apart until its narinfo arrives. */
+export interface StagedNar {
+  /** The staging directory (its own chunk store). */
+  dir: string;
+  manifest: Manifest;
+  /** Bytes of chunk files the NAR added. */
+  newStoredBytes: number;
 }
 
 /** What an import did. */
@@ -100,6 +117,8 @@ export class Cache {
   readonly metadata: MetadataStore;
   readonly chunks: ChunkStore;
   readonly manifests: ManifestStore;
+  readonly accessTimes: AccessTimes;
+  readonly audit: AuditLog;
 
   private constructor(cacheDir: string, backend: MetadataBackend, metadata: MetadataStore) {
     this.cacheDir = cacheDir;
@@ -107,6 +126,8 @@ export class Cache {
     this.metadata = metadata;
     this.chunks = new ChunkStore(cacheDir);
     this.manifests = new ManifestStore(cacheDir);
+    this.accessTimes = new AccessTimes(cacheDir);
+    this.audit = new AuditLog(cacheDir);
   }
 
   /** Opens (creating if needed) the cache in `cacheDir` with the given metadata backend. */
@@ -137,64 +158,141 @@ export class Cache {
    * IntegrityError when the NAR does not match `meta.narHash`/`meta.narSize`; FormatError
    * when it is not a valid NAR. Nothing becomes visible unless everything succeeded.
    */
-  async importNar(
+  importNar(
     nar: ReadableStream<Uint8Array>,
     meta: PathMetadata,
     options: ImportOptions,
   ): Promise<ImportResult> {
     parseStorePath(meta.storePath);
-    const compression = options.compression;
-    const compressor = options.compressor ?? new ChunkCompressor({ compression });
+    return withWriterLock(this.cacheDir, async () => {
+      const compressor = options.compressor ??
+        new ChunkCompressor({ compression: options.compression });
+      try {
+        const stored = await this.#storeChunks(nar, options.compression, compressor, this.chunks);
+        checkClaims(meta, stored.manifest);
+        const record = await this.#commit(stored.manifest, meta, options);
+        return {
+          record,
+          chunks: stored.manifest.chunks.length,
+          newChunks: stored.newChunks,
+          newStoredBytes: stored.newStoredBytes,
+        };
+      } finally {
+        if (!options.compressor) compressor.close();
+      }
+    });
+  }
+
+  /**
+   * Stages an uploaded NAR: validates and chunks it like {@link Cache.importNar}, but writes
+   * the chunks the cache lacks into a private staging directory, so that nothing of it is
+   * in the cache until {@link Cache.commitStaged}, and {@link Cache.discardStaged} leaves
+   * no trace. The caller owns the result and must commit or discard it.
+   */
+  async stageNar(
+    nar: ReadableStream<Uint8Array>,
+    options: { compression: ChunkCompression; compressor?: ChunkCompressor },
+  ): Promise<StagedNar> {
+    const dir = join(this.cacheDir, "uploads", `staged-${crypto.randomUUID()}`);
+    await Deno.mkdir(dir, { recursive: true });
+    const staging = new ChunkStore(dir);
+    const compressor = options.compressor ??
+      new ChunkCompressor({ compression: options.compression });
     try {
-      const stored = await this.#storeChunks(nar, compression, compressor);
-      const { manifest } = stored;
-      if (meta.narHash !== undefined) {
-        const expected = parseNixHash(meta.narHash);
-        if (formatBase16(expected) !== formatBase16(manifest.narHash)) {
-          throw new IntegrityError(
-            `NAR hash mismatch for ${meta.storePath}: expected ${formatNixHash(expected)}, got ${
-              formatNixHash(manifest.narHash)
-            }`,
-          );
-        }
-      }
-      if (meta.narSize !== undefined && meta.narSize !== manifest.narSize) {
-        throw new IntegrityError(
-          `NAR size mismatch for ${meta.storePath}: expected ${meta.narSize}, got ${manifest.narSize}`,
-        );
-      }
-      await this.manifests.write(manifest);
-      const narInfo: NarInfo = {
-        storePath: meta.storePath,
-        url: `nar/${encodeNixBase32(manifest.fileHash)}.${narFileExtension(compression)}`,
-        compression: nixCompressionName(compression),
-        fileHash: formatNixHash(manifest.fileHash),
-        fileSize: manifest.fileSize,
-        narHash: formatNixHash(manifest.narHash),
-        narSize: manifest.narSize,
-        references: [...meta.references],
-        deriver: meta.deriver,
-        sigs: [...meta.sigs],
-        ca: meta.ca,
-      };
-      if (options.signingKey) addSignature(narInfo, options.signingKey);
-      const record: PathRecord = { narInfo, registeredAt: Date.now() };
-      await this.metadata.putPath(record);
-      return {
-        record,
-        chunks: manifest.chunks.length,
-        newChunks: stored.newChunks,
-        newStoredBytes: stored.newStoredBytes,
-      };
+      const stored = await withWriterLock(
+        this.cacheDir,
+        () => this.#storeChunks(nar, options.compression, compressor, staging),
+      );
+      return { dir, manifest: stored.manifest, newStoredBytes: stored.newStoredBytes };
+    } catch (error) {
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+      throw error;
     } finally {
       if (!options.compressor) compressor.close();
     }
   }
 
+  /**
+   * Makes a staged NAR a cached path: moves its new chunks into the store, writes its
+   * manifest, commits the narinfo, and removes the staging directory. IntegrityError when
+   * `meta` claims another NAR hash or size, or when a chunk the NAR shared with the cache
+   * was garbage-collected meanwhile (the upload must be repeated).
+   */
+  async commitStaged(
+    staged: StagedNar,
+    meta: PathMetadata,
+    options: Omit<ImportOptions, "compressor" | "compression">,
+  ): Promise<PathRecord> {
+    checkClaims(meta, staged.manifest);
+    const compression = staged.manifest.compression;
+    const staging = new ChunkStore(staged.dir);
+    const record = await withWriterLock(this.cacheDir, async () => {
+      for (const id of new Set(staged.manifest.chunks.map((chunk) => chunk.id))) {
+        if (await this.chunks.has(id, compression)) continue;
+        if (!(await staging.has(id, compression))) {
+          throw new IntegrityError(
+            `Cannot add ${meta.storePath}: chunk ${id} of its NAR is gone (collected since the upload); upload it again`,
+          );
+        }
+        await this.chunks.adopt(id, compression, staging.chunkPath(id, compression));
+      }
+      return await this.#commit(staged.manifest, meta, { ...options, compression });
+    });
+    await this.discardStaged(staged);
+    return record;
+  }
+
+  /** Removes a staged NAR that will not be committed. */
+  async discardStaged(staged: StagedNar): Promise<void> {
+    await Deno.remove(staged.dir, { recursive: true }).catch((error) => {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+    });
+  }
+
+  /** Writes the manifest, then commits the narinfo record (the point of visibility). */
+  async #commit(
+    manifest: Manifest,
+    meta: PathMetadata,
+    options: ImportOptions,
+  ): Promise<PathRecord> {
+    await this.manifests.write(manifest);
+    const narInfo: NarInfo = {
+      storePath: meta.storePath,
+      url: `nar/${encodeNixBase32(manifest.fileHash)}.${narFileExtension(manifest.compression)}`,
+      compression: nixCompressionName(manifest.compression),
+      fileHash: formatNixHash(manifest.fileHash),
+      fileSize: manifest.fileSize,
+      narHash: formatNixHash(manifest.narHash),
+      narSize: manifest.narSize,
+      references: [...meta.references],
+      deriver: meta.deriver,
+      sigs: [...meta.sigs],
+      ca: meta.ca,
+    };
+    if (options.signingKey) addSignature(narInfo, options.signingKey);
+    const record: PathRecord = { narInfo, registeredAt: Date.now() };
+    if (options.segment !== undefined) record.segment = options.segment;
+    await this.metadata.putPath(record);
+    const { hash } = parseStorePath(meta.storePath);
+    await this.accessTimes.touch([hash], record.registeredAt);
+    await this.audit.append([{
+      type: options.auditAs ?? "Import",
+      storePath: meta.storePath,
+      segment: record.segment,
+      detail: `${manifest.narSize} NAR bytes in ${manifest.chunks.length} chunks`,
+    }]);
+    return record;
+  }
+
+  /**
+   * Chunks a NAR stream, writing the chunks that neither this cache nor `target` holds into
+   * `target` (the cache's own store, or a staging one), and returns its manifest.
+   */
   async #storeChunks(
     nar: ReadableStream<Uint8Array>,
     compression: ChunkCompression,
     compressor: ChunkCompressor,
+    target: ChunkStore,
   ): Promise<{ manifest: Manifest; newChunks: number; newStoredBytes: number }> {
     const narHash = createSha256();
     const fileHash = createSha256();
@@ -213,7 +311,7 @@ export class Cache {
 
     const store = async (id: string, pending: Promise<Uint8Array>): Promise<Uint8Array> => {
       const file = await pending;
-      if (await this.chunks.put(id, file, compression)) {
+      if (await target.put(id, file, compression)) {
         newChunks++;
         newStoredBytes += file.length;
       }
@@ -225,15 +323,20 @@ export class Cache {
       if (chunks.length === 0) return;
       const ids = chunks.map((chunk) => formatBase16(sha256(chunk)));
       const unknown = [...new Set(ids.filter((id) => !inFlight.has(id)))];
-      const stored = new Set<string>();
-      const present = await Promise.all(unknown.map((id) => this.chunks.has(id, compression)));
-      unknown.forEach((id, i) => present[i] && stored.add(id));
+      const storedIn = new Map<string, ChunkStore>();
+      const present = await Promise.all(unknown.map(async (id) => {
+        if (await this.chunks.has(id, compression)) return this.chunks;
+        if (target !== this.chunks && await target.has(id, compression)) return target;
+        return null;
+      }));
+      unknown.forEach((id, i) => present[i] && storedIn.set(id, present[i]));
       chunks.forEach((chunk, i) => {
         const id = ids[i];
         let slot = inFlight.get(id);
         if (!slot) {
-          const file = stored.has(id)
-            ? this.chunks.read(id, compression)
+          const holder = storedIn.get(id);
+          const file = holder
+            ? holder.read(id, compression)
             : store(id, compressor.compress(chunk));
           slot = [file, 0];
           inFlight.set(id, slot);
@@ -312,16 +415,22 @@ export class Cache {
     }
   }
 
-  /** Ids of the manifest's chunks that are missing from the chunk store (empty when whole). */
+  /**
+   * Ids of the manifest's chunks that cannot be served as they are: absent, not a regular
+   * file, or not of the size the manifest records (empty when the NAR is whole). Checked
+   * before a NAR is served with a 200, so that a body is never cut short (DESIGN.md §7).
+   */
   async missingChunks(manifest: Manifest): Promise<string[]> {
+    const sizes = new Map<string, number>();
+    for (const chunk of manifest.chunks) sizes.set(chunk.id, chunk.storedSize);
+    const entries = [...sizes];
     const missing: string[] = [];
-    const unique = [...new Set(manifest.chunks.map((c) => c.id))];
-    for (let i = 0; i < unique.length; i += 64) {
-      const batch = unique.slice(i, i + 64);
-      const present = await Promise.all(
-        batch.map((id) => this.chunks.has(id, manifest.compression)),
+    for (let i = 0; i < entries.length; i += 64) {
+      const batch = entries.slice(i, i + 64);
+      const sizesFound = await Promise.all(
+        batch.map(([id]) => this.chunks.storedSize(id, manifest.compression)),
       );
-      batch.forEach((id, j) => present[j] || missing.push(id));
+      batch.forEach(([id, size], j) => sizesFound[j] === size || missing.push(id));
     }
     return missing;
   }
@@ -407,6 +516,25 @@ export class Cache {
       chunks,
       dedupRatio: storedBytes === 0 ? 1 : narBytes / storedBytes,
     };
+  }
+}
+
+/** Throws IntegrityError when the NAR is not the one `meta` claims (hash or size). */
+function checkClaims(meta: PathMetadata, manifest: Manifest): void {
+  if (meta.narHash !== undefined) {
+    const expected = parseNixHash(meta.narHash);
+    if (formatBase16(expected) !== formatBase16(manifest.narHash)) {
+      throw new IntegrityError(
+        `NAR hash mismatch for ${meta.storePath}: expected ${formatNixHash(expected)}, got ${
+          formatNixHash(manifest.narHash)
+        }`,
+      );
+    }
+  }
+  if (meta.narSize !== undefined && meta.narSize !== manifest.narSize) {
+    throw new IntegrityError(
+      `NAR size mismatch for ${meta.storePath}: expected ${meta.narSize}, got ${manifest.narSize}`,
+    );
   }
 }
 

@@ -116,11 +116,14 @@ export class ChunkStore {
     return (await this.storedSize(id, compression)) !== null;
   }
 
-  /** Size of the chunk's file in bytes, or null when it is not stored. */
+  /**
+   * Size of the chunk's file in bytes, or null when it is not stored as a regular file (a
+   * symlink planted in the store is never followed).
+   */
   async storedSize(id: string, compression: ChunkCompression): Promise<number | null> {
     const path = this.chunkPath(id, compression);
     try {
-      const info = await Deno.stat(path);
+      const info = await Deno.lstat(path);
       return info.isFile ? info.size : null;
     } catch (error) {
       if (isNotFound(error)) return null;
@@ -174,6 +177,25 @@ export class ChunkStore {
     await Deno.remove(temporary);
     await syncDirectory(dir);
     return created;
+  }
+
+  /**
+   * Moves a chunk file written elsewhere on the same filesystem (a staged upload's, already
+   * fsynced) into the store by hard link, then fsyncs the directory. False when the store
+   * already had the chunk. The caller vouches that the file holds chunk `id`.
+   */
+  async adopt(id: string, compression: ChunkCompression, sourcePath: string): Promise<boolean> {
+    const path = this.chunkPath(id, compression);
+    const dir = join(this.#root, id.slice(0, 2));
+    await this.#ensureDirectory(dir);
+    try {
+      await Deno.link(sourcePath, path);
+    } catch (error) {
+      if (error instanceof Deno.errors.AlreadyExists) return false;
+      throw error;
+    }
+    await syncDirectory(dir);
+    return true;
   }
 
   /** Opens a chunk's file for reading; the caller closes it. {@link NotFoundError} if absent. */

@@ -16,6 +16,8 @@ import { parseStorePath } from "./store_path.ts";
 export interface ImportLocalOptions {
   compression: ChunkCompression;
   signingKey?: SecretKey;
+  /** The segment of each path (undefined: none). */
+  segmentOf?: (info: LocalPathInfo) => string | undefined;
   /** Called before each path is handled: index (0-based), total, path. */
   onProgress?: (index: number, total: number, storePath: string) => void;
 }
@@ -52,7 +54,12 @@ export async function importLocalPaths(
         sigs: info.sigs,
         narHash: info.narHash,
         narSize: info.narSize,
-      }, { compression: options.compression, signingKey: options.signingKey, compressor });
+      }, {
+        compression: options.compression,
+        signingKey: options.signingKey,
+        compressor,
+        segment: options.segmentOf?.(info),
+      });
       outcomes.push({ storePath: info.storePath, status: "imported", result });
     }
   } finally {

@@ -19,6 +19,7 @@
  * @module
  */
 
+import { SEGMENT_NAME_RE } from "../config.ts";
 import { FormatError, UsageError } from "../errors.ts";
 import { normalizeNixHash } from "./hash.ts";
 import { formatNarInfo, type NarInfo, parseNarInfo } from "./narinfo.ts";
@@ -156,9 +157,6 @@ export function preparePathRecord(record: PathRecord): PreparedRecord {
   if (normalized.fileHash !== undefined) prepared.fileHashKey = fileHashKey(normalized.fileHash);
   return prepared;
 }
-
-/** Segment names: a letter or digit, then up to 63 letters, digits, `.`, `_` or `-`. */
-export const SEGMENT_NAME_RE: RegExp = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 /** Throws {@link FormatError} unless `name` is a valid segment name. */
 export function checkSegmentName(name: string): void {

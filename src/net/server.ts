@@ -20,7 +20,6 @@
 
 import { addSignature, type Cache, type StoredNar } from "../cache/cache.ts";
 import { narFileExtension } from "../cache/compression.ts";
-import type { Manifest } from "../cache/manifest.ts";
 import { ArcaError, NotFoundError } from "../errors.ts";
 import { formatNarListing, listNar } from "../cache/nar.ts";
 import { formatNarInfo } from "../cache/narinfo.ts";
@@ -133,7 +132,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
 
   async function storedNarOrThrow(found: StoredNar | null): Promise<StoredNar> {
     if (found === null) throw new HttpError(404, "No such NAR");
-    const missing = await unservableChunks(cache, found.manifest);
+    const missing = await cache.missingChunks(found.manifest);
     if (missing.length > 0) {
       options.log?.(
         `NAR of ${found.record.narInfo.storePath} has ${missing.length} missing or damaged chunk(s), e.g. ${
@@ -224,32 +223,6 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     }
     return response;
   };
-}
-
-/**
- * Ids of the manifest's chunks that cannot be served as they are: absent, not a regular
- * file (a symlink is never followed) or not of the size the manifest records. Checked before
- * a 200, so that a body is never cut short under a 200 (DESIGN.md §7).
- */
-async function unservableChunks(cache: Cache, manifest: Manifest): Promise<string[]> {
-  const sizes = new Map<string, number>();
-  for (const chunk of manifest.chunks) sizes.set(chunk.id, chunk.storedSize);
-  const entries = [...sizes];
-  const bad: string[] = [];
-  for (let i = 0; i < entries.length; i += 64) {
-    const batch = entries.slice(i, i + 64);
-    const ok = await Promise.all(batch.map(async ([id, size]) => {
-      try {
-        const info = await Deno.lstat(cache.chunks.chunkPath(id, manifest.compression));
-        return info.isFile && info.size === size;
-      } catch (error) {
-        if (error instanceof Deno.errors.NotFound) return false;
-        throw error;
-      }
-    }));
-    batch.forEach(([id], j) => ok[j] || bad.push(id));
-  }
-  return bad;
 }
 
 function errorResponse(error: unknown, log?: (message: string) => void): Response {

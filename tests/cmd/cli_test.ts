@@ -181,7 +181,7 @@ Deno.test("cli: a broken config file is exit 2 naming the line, and is left as i
     // --config naming a missing file fails (and creates nothing).
     const missing = `${home.dir}/missing.toml`;
     const result = await arca(home, ["--config", missing, "status"]);
-    assertFails(["--config", missing, "status"], result, 1, missing);
+    assertFails(["--config", missing, "status"], result, 2, missing);
     await assert.rejects(Deno.stat(missing), Deno.errors.NotFound);
   });
 });

@@ -19,6 +19,17 @@ export interface ArcaHome {
   cleanup(): Promise<void>;
 }
 
+/**
+ * Deno's own cache directory as this process uses it. Children get it as DENO_DIR, so a
+ * fresh HOME or XDG_CACHE_HOME does not make them download the npm packages again.
+ */
+export function denoDir(): string {
+  const explicit = Deno.env.get("DENO_DIR");
+  if (explicit) return explicit;
+  const base = Deno.env.get("XDG_CACHE_HOME") || `${Deno.env.get("HOME")}/.cache`;
+  return `${base}/deno`;
+}
+
 /** Makes a fresh home: XDG dirs in a temp dir, Nix env of DESIGN.md §5. */
 export async function makeArcaHome(): Promise<ArcaHome> {
   const dir = await Deno.makeTempDir({ prefix: "arca-test-" });
@@ -26,6 +37,7 @@ export async function makeArcaHome(): Promise<ArcaHome> {
     HOME: dir,
     XDG_CONFIG_HOME: `${dir}/config`,
     PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+    DENO_DIR: denoDir(),
   });
   return {
     dir,
