@@ -10,10 +10,13 @@ import { ArcaError } from "./src/errors.ts";
 import { VERSION } from "./src/version.ts";
 import { registerImport } from "./src/cmd/import.ts";
 import { registerImportClosure } from "./src/cmd/import_closure.ts";
+import { registerInstallHook } from "./src/cmd/install_hook.ts";
 import { registerKeygen } from "./src/cmd/keygen.ts";
 import { registerList } from "./src/cmd/list.ts";
 import { registerServe } from "./src/cmd/serve.ts";
 import { registerStatus } from "./src/cmd/status.ts";
+import { registerGc } from "./src/cmd/gc.ts";
+import { registerAudit } from "./src/cmd/audit.ts";
 
 /** Builds the `arca` program with every finished subcommand registered. */
 export function buildProgram(): Command {
@@ -35,6 +38,9 @@ export function buildProgram(): Command {
   registerList(program);
   registerStatus(program);
   registerKeygen(program);
+  registerGc(program);
+  registerAudit(program);
+  registerInstallHook(program);
   return program;
 }
 
