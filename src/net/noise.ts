@@ -121,6 +121,15 @@ function privateKeyEntry(privateKey: Uint8Array): PrivateKeyEntry {
   return entry;
 }
 
+/** Imports a peer's public key; malformed input is the peer's fault. */
+function importRemote(publicKey: Uint8Array): KeyObject {
+  try {
+    return importPublicKey(publicKey);
+  } catch (error) {
+    throw new ProtocolError("Noise handshake failed: invalid public key", { cause: error });
+  }
+}
+
 function importPublicKey(publicKey: Uint8Array): KeyObject {
   return createPublicKey({
     key: Buffer.concat([SPKI_PREFIX, publicKey]),
@@ -153,9 +162,10 @@ export function x25519(privateKey: Uint8Array, publicKey: Uint8Array): Uint8Arra
   return dh(privateKeyEntry(privateKey).key, publicKey);
 }
 
-function dh(privateKey: KeyObject, publicKey: Uint8Array): Uint8Array {
+function dh(privateKey: KeyObject, publicKey: Uint8Array | KeyObject): Uint8Array {
   try {
-    return new Uint8Array(diffieHellman({ privateKey, publicKey: importPublicKey(publicKey) }));
+    const key = publicKey instanceof Uint8Array ? importPublicKey(publicKey) : publicKey;
+    return new Uint8Array(diffieHellman({ privateKey, publicKey: key }));
   } catch (error) {
     throw new ProtocolError("Noise DH failed: invalid or low-order public key", { cause: error });
   }
@@ -430,6 +440,9 @@ export class NoiseHandshake {
   #presetEphemeral: PrivateKeyInput | undefined;
   #rs: Uint8Array | null = null;
   #re: Uint8Array | null = null;
+  /** The remote keys imported once, each used in two DHs. */
+  #rsKey: KeyObject | null = null;
+  #reKey: KeyObject | null = null;
   #index = 0;
   #failed: ProtocolError | null = null;
   #ciphers: [CipherState, CipherState] | null = null;
@@ -639,19 +652,17 @@ export class NoiseHandshake {
     const fail = (): never => {
       throw new ProtocolError(`Noise handshake state broken: missing key for ${token}`);
     };
+    const re = (): KeyObject => (this.#reKey ??= importRemote(this.#re ?? fail()));
+    const rs = (): KeyObject => (this.#rsKey ??= importRemote(this.#rs ?? fail()));
     switch (token) {
       case "ee":
-        return dh(e?.key ?? fail(), this.#re ?? fail());
+        return dh(e?.key ?? fail(), re());
       case "es":
-        return this.#initiator
-          ? dh(e?.key ?? fail(), this.#rs ?? fail())
-          : dh(this.#s.key, this.#re ?? fail());
+        return this.#initiator ? dh(e?.key ?? fail(), rs()) : dh(this.#s.key, re());
       case "se":
-        return this.#initiator
-          ? dh(this.#s.key, this.#re ?? fail())
-          : dh(e?.key ?? fail(), this.#rs ?? fail());
+        return this.#initiator ? dh(this.#s.key, re()) : dh(e?.key ?? fail(), rs());
       case "ss":
-        return dh(this.#s.key, this.#rs ?? fail());
+        return dh(this.#s.key, rs());
       default:
         return fail();
     }
