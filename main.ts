@@ -15,6 +15,8 @@ import { registerKeygen } from "./src/cmd/keygen.ts";
 import { registerList } from "./src/cmd/list.ts";
 import { registerServe } from "./src/cmd/serve.ts";
 import { registerStatus } from "./src/cmd/status.ts";
+import { registerGc } from "./src/cmd/gc.ts";
+import { registerAudit } from "./src/cmd/audit.ts";
 
 /** Builds the `arca` program with every finished subcommand registered. */
 export function buildProgram(): Command {
@@ -36,6 +38,8 @@ export function buildProgram(): Command {
   registerList(program);
   registerStatus(program);
   registerKeygen(program);
+  registerGc(program);
+  registerAudit(program);
   registerInstallHook(program);
   return program;
 }

@@ -96,6 +96,8 @@ export interface CacheStats {
   chunks: number;
   /** narBytes / storedBytes (1 when empty). */
   dedupRatio: number;
+  /** Paths and NAR bytes by segment name ("" for paths of no segment). */
+  segments: Record<string, { paths: number; narBytes: number }>;
 }
 
 /** A stored NAR ready to be served. */
@@ -500,13 +502,17 @@ export class Cache {
     }, { highWaterMark: 2 });
   }
 
-  /** Totals over the whole cache. */
+  /** Totals over the whole cache, and paths and NAR bytes per segment. */
   async stats(): Promise<CacheStats> {
     let paths = 0;
     let narBytes = 0;
+    const segments: Record<string, { paths: number; narBytes: number }> = {};
     for await (const record of this.metadata.listPaths()) {
       paths++;
       narBytes += record.narInfo.narSize;
+      const segment = (segments[record.segment ?? ""] ??= { paths: 0, narBytes: 0 });
+      segment.paths++;
+      segment.narBytes += record.narInfo.narSize;
     }
     const { chunks, storedBytes } = await this.chunks.stats();
     return {
@@ -515,6 +521,7 @@ export class Cache {
       storedBytes,
       chunks,
       dedupRatio: storedBytes === 0 ? 1 : narBytes / storedBytes,
+      segments,
     };
   }
 }

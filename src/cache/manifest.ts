@@ -166,6 +166,33 @@ export class ManifestStore {
     return decodeManifest(bytes);
   }
 
+  /**
+   * Every manifest file: its FileHash (nix32) and modification time. Temporary files and
+   * anything else in the directory are skipped.
+   */
+  async *list(): AsyncGenerator<{ fileHash: string; mtime: number }> {
+    let dirs: Deno.DirEntry[];
+    try {
+      dirs = await Array.fromAsync(Deno.readDir(this.#root));
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) return;
+      throw error;
+    }
+    for (const dir of dirs) {
+      if (!dir.isDirectory) continue;
+      for await (const entry of Deno.readDir(join(this.#root, dir.name))) {
+        const match = /^([0-9a-df-np-sv-z]{52})\.manifest$/.exec(entry.name);
+        if (!entry.isFile || !match || match[1].slice(0, 2) !== dir.name) continue;
+        try {
+          const info = await Deno.lstat(join(this.#root, dir.name, entry.name));
+          yield { fileHash: match[1], mtime: info.mtime?.getTime() ?? 0 };
+        } catch (error) {
+          if (!(error instanceof Deno.errors.NotFound)) throw error;
+        }
+      }
+    }
+  }
+
   /** Removes a manifest file (for garbage collection); false when it was not there. */
   async delete(fileHash: Uint8Array): Promise<boolean> {
     try {

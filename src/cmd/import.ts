@@ -6,7 +6,9 @@
 
 import type { Command } from "commander";
 import { importLocalPaths, type ImportOutcome } from "../cache/importer.ts";
-import { queryPathInfo } from "../cache/nix.ts";
+import { type LocalPathInfo, queryPathInfo } from "../cache/nix.ts";
+import { findSegment, segmentFor } from "../cache/segments.ts";
+import type { Settings } from "../config.ts";
 import { parseStorePath } from "../cache/store_path.ts";
 import { FormatError, UsageError } from "../errors.ts";
 import { formatBytes, openCache, settingsOf, signingKeyOf } from "./common.ts";
@@ -15,6 +17,19 @@ import { formatBytes, openCache, settingsOf, signingKeyOf } from "./common.ts";
 export interface ImportFlags {
   compression?: string;
   signingKey?: string;
+  segment?: string;
+}
+
+/**
+ * How imported paths choose their segment: `override` (which must be configured), else
+ * the first segment whose filter matches the signatures Nix reports.
+ */
+export function segmentChooser(
+  settings: Settings,
+  override?: string,
+): (info: LocalPathInfo) => string | undefined {
+  if (override !== undefined) findSegment(settings.segments, override);
+  return (info) => segmentFor(settings.segments, info.sigs, override);
 }
 
 /** Registers `import`. */
@@ -24,8 +39,13 @@ export function registerImport(program: Command): void {
     .argument("<store-path...>", "store paths, or symlinks to them such as ./result")
     .option("--compression <zstd|xz>", "compression of new chunks (default from config: zstd)")
     .option("--signing-key <file>", "secret key file: add its signature to imported paths")
+    .option(
+      "--segment <name>",
+      "put the paths in this segment (default: the first whose filter matches)",
+    )
     .action(async (paths: string[], flags: ImportFlags, command: Command) => {
       const settings = await settingsOf(command, flags);
+      const segmentOf = segmentChooser(settings, flags.segment);
       const storePaths = await Promise.all(paths.map(resolveStorePath));
       const signingKey = await signingKeyOf(settings);
       const infos = await queryPathInfo(storePaths);
@@ -34,6 +54,7 @@ export function registerImport(program: Command): void {
         const outcomes = await importLocalPaths(cache, infos, {
           compression: settings.compression,
           signingKey,
+          segmentOf,
         });
         for (const outcome of outcomes) console.log(describeOutcome(outcome));
       } finally {

@@ -8,7 +8,7 @@ import type { Command } from "commander";
 import { importLocalPaths } from "../cache/importer.ts";
 import { queryClosure } from "../cache/nix.ts";
 import { openCache, settingsOf, signingKeyOf } from "./common.ts";
-import { describeOutcome, type ImportFlags } from "./import.ts";
+import { describeOutcome, type ImportFlags, segmentChooser } from "./import.ts";
 
 /** Registers `import-closure`. */
 export function registerImportClosure(program: Command): void {
@@ -17,8 +17,13 @@ export function registerImportClosure(program: Command): void {
     .argument("<installable>", "a store path, a symlink to one (./result) or a Nix installable")
     .option("--compression <zstd|xz>", "compression of new chunks (default from config: zstd)")
     .option("--signing-key <file>", "secret key file: add its signature to imported paths")
+    .option(
+      "--segment <name>",
+      "put the paths in this segment (default: the first whose filter matches)",
+    )
     .action(async (installable: string, flags: ImportFlags, command: Command) => {
       const settings = await settingsOf(command, flags);
+      const segmentOf = segmentChooser(settings, flags.segment);
       const signingKey = await signingKeyOf(settings);
       const closure = await queryClosure(installable);
       const cache = await openCache(settings);
@@ -28,6 +33,7 @@ export function registerImportClosure(program: Command): void {
         const outcomes = await importLocalPaths(cache, closure, {
           compression: settings.compression,
           signingKey,
+          segmentOf,
           onProgress: onTerminal
             ? (index, total, path) =>
               Deno.stderr.writeSync(

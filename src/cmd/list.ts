@@ -4,6 +4,7 @@
  */
 
 import type { Command } from "commander";
+import { findSegment } from "../cache/segments.ts";
 import { openCache, settingsOf } from "./common.ts";
 
 /** Registers `list`. */
@@ -11,12 +12,15 @@ export function registerList(program: Command): void {
   program.command("list")
     .description("list cached store paths")
     .option("--json", "print a JSON array of path records")
-    .action(async (flags: { json?: boolean }, command: Command) => {
+    .option("--segment <name>", "only paths of this segment")
+    .action(async (flags: { json?: boolean; segment?: string }, command: Command) => {
       const settings = await settingsOf(command);
+      if (flags.segment !== undefined) findSegment(settings.segments, flags.segment);
       const cache = await openCache(settings);
       try {
         const records = [];
-        for await (const { narInfo, registeredAt } of cache.listPaths()) {
+        for await (const { narInfo, registeredAt, segment } of cache.listPaths()) {
+          if (flags.segment !== undefined && segment !== flags.segment) continue;
           if (!flags.json) {
             console.log(narInfo.storePath);
             continue;
@@ -33,6 +37,7 @@ export function registerList(program: Command): void {
             deriver: narInfo.deriver ?? null,
             ca: narInfo.ca ?? null,
             signatures: narInfo.sigs,
+            segment: segment ?? null,
             registeredAt: new Date(registeredAt).toISOString(),
           });
         }

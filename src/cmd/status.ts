@@ -17,7 +17,21 @@ export function registerStatus(program: Command): void {
       const cache = await openCache(settings);
       try {
         const stats = await cache.stats();
-        const status = { cacheDir: settings.cacheDir, backend: settings.backend, ...stats };
+        // Every configured segment is listed, with zeros when it holds nothing yet.
+        const segments = settings.segments.map((segment) => ({
+          name: segment.name,
+          filter: segment.filter,
+          swarm: segment.topicKey !== undefined,
+          ...(stats.segments[segment.name] ?? { paths: 0, narBytes: 0 }),
+        }));
+        const unassigned = stats.segments[""];
+        const status = {
+          cacheDir: settings.cacheDir,
+          backend: settings.backend,
+          ...stats,
+          segments,
+          ...(unassigned ? { pathsWithoutSegment: unassigned.paths } : {}),
+        };
         if (flags.json) {
           console.log(JSON.stringify(status, null, 2));
           return;
@@ -29,6 +43,15 @@ export function registerStatus(program: Command): void {
         console.log(`stored bytes: ${formatBytes(status.storedBytes)} (${status.storedBytes})`);
         console.log(`chunks:       ${status.chunks}`);
         console.log(`dedup ratio:  ${status.dedupRatio.toFixed(2)}`);
+        console.log("segments:");
+        for (const segment of segments) {
+          console.log(
+            `  ${segment.name} (${segment.filter}${
+              segment.swarm ? ", swarm" : ""
+            }): ${segment.paths} paths, ${formatBytes(segment.narBytes)}`,
+          );
+        }
+        if (unassigned) console.log(`  (no segment): ${unassigned.paths} paths`);
       } finally {
         cache.close();
       }
