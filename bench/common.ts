@@ -190,9 +190,20 @@ export async function run(cmd: string, args: string[], options: RunOptions = {})
   return result;
 }
 
-/** Arguments that run `arca` (`deno run -A main.ts`) with the given arguments. */
-export function arcaArgs(args: string[]): string[] {
-  return ["run", "-A", MAIN_TS, ...args];
+/**
+ * Arguments that run `arca` (`deno run -A main.ts`) with the given arguments; `main` names
+ * another checkout's main.ts (its deno.json is found next to it).
+ */
+export function arcaArgs(args: string[], main: string = MAIN_TS): string[] {
+  return ["run", "-A", main, ...args];
+}
+
+/** The main.ts a `--main` flag names (default this checkout's), made absolute and checked. */
+export function resolveMain(flag: string): string {
+  if (flag === "") return MAIN_TS;
+  const path = flag.startsWith("/") ? flag : `${Deno.cwd()}/${flag}`;
+  Deno.statSync(path);
+  return path;
 }
 
 /** The median of some numbers (mean of the middle two for an even count). */
@@ -242,13 +253,36 @@ export async function machineInfo(): Promise<string> {
   const model = /^model name\s*:\s*(.*)$/m.exec(cpuinfo)?.[1] ?? "unknown CPU";
   const cores = navigator.hardwareConcurrency;
   const memKiB = Number(/^MemTotal:\s+(\d+)/m.exec(await Deno.readTextFile("/proc/meminfo"))?.[1]);
-  const load = (await Deno.readTextFile("/proc/loadavg")).split(" ").slice(0, 3).join(" ");
+  const load = loadAverage();
   const nix = (await run("nix", ["--version"], { check: false })).stdout.trim();
   return [
     `${model}, ${cores} cores, ${(memKiB / 1024 / 1024).toFixed(1)} GiB RAM`,
     `deno ${Deno.version.deno}, ${nix || "nix not found"}`,
     `load average at start: ${load}`,
   ].join("; ");
+}
+
+/** The 1-, 5- and 15-minute load averages, as /proc/loadavg prints them. */
+export function loadAverage(): string {
+  return Deno.readTextFileSync("/proc/loadavg").split(" ").slice(0, 3).join(" ");
+}
+
+/** Which arca is measured: this checkout's commit (`-dirty` when src/ has changes) or a path. */
+export async function arcaRevision(main: string): Promise<string> {
+  if (main !== MAIN_TS) return main;
+  const head = await run("git", ["-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], {
+    check: false,
+  });
+  const dirty = await run(
+    "git",
+    ["-C", REPO_ROOT, "status", "--porcelain", "--", "src", "main.ts"],
+    {
+      check: false,
+    },
+  );
+  return `commit ${head.stdout.trim()}${
+    dirty.stdout.trim() ? " + uncommitted changes in src/" : ""
+  }`;
 }
 
 /** A TCP port that was free a moment ago on 127.0.0.1. */

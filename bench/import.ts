@@ -11,17 +11,20 @@
  * both timed wall-clock (process start to exit) with peak RSS, MB/s of NAR (10^6 bytes).
  * The table reports the median of the rounds.
  *
- * Usage: `deno run -A bench/import.ts [--size-mib 1024] [--runs 3] [--keep]`
+ * Usage: `deno run -A bench/import.ts [--size-mib 1024] [--runs 3] [--keep] [--main <main.ts>]`
+ * (`--main` benchmarks another checkout, e.g. a `git archive` of a commit.)
  * @module
  */
 
 import {
   arcaArgs,
+  arcaRevision,
   benchEnv,
   diskUsage,
   ensureMixedPath,
   fixed,
   formatTable,
+  loadAverage,
   machineInfo,
   makeScratchDir,
   mbPerSecond,
@@ -29,6 +32,7 @@ import {
   megabytes,
   parseFlags,
   removeTree,
+  resolveMain,
   RSS_METHOD,
   run,
   warmPageCache,
@@ -59,7 +63,12 @@ async function nixCopyRun(storePath: string, scratch: string, round: number): Pr
   return { seconds: result.seconds, peakRss: result.peakRss, storedBytes };
 }
 
-async function arcaImportRun(storePath: string, scratch: string, round: number): Promise<Sample> {
+async function arcaImportRun(
+  storePath: string,
+  scratch: string,
+  round: number,
+  main: string,
+): Promise<Sample> {
   const cacheDir = `${scratch}/arca-cache-${round}`;
   const env = benchEnv(scratch);
   const result = await run(
@@ -73,7 +82,7 @@ async function arcaImportRun(storePath: string, scratch: string, round: number):
       "--compression",
       "zstd",
       storePath,
-    ]),
+    ], main),
     { env, measureRss: true },
   );
   if (!result.stdout.includes(`imported ${storePath}`)) {
@@ -86,7 +95,8 @@ async function arcaImportRun(storePath: string, scratch: string, round: number):
 }
 
 async function main(): Promise<void> {
-  const flags = parseFlags(Deno.args, { sizeMib: 1024, runs: 3, keep: false });
+  const flags = parseFlags(Deno.args, { sizeMib: 1024, runs: 3, keep: false, main: "" });
+  const arcaMain = resolveMain(flags.main);
   const machine = await machineInfo();
   const scratch = makeScratchDir("import");
   try {
@@ -102,7 +112,7 @@ async function main(): Promise<void> {
       const n = await nixCopyRun(mixed.storePath, scratch, round);
       nix.push(n);
       log(`round ${round + 1}: nix copy ${fixed(n.seconds)} s, ${megabytes(n.peakRss)} RSS`);
-      const a = await arcaImportRun(mixed.storePath, scratch, round);
+      const a = await arcaImportRun(mixed.storePath, scratch, round, arcaMain);
       arca.push(a);
       log(`round ${round + 1}: arca import ${fixed(a.seconds)} s, ${megabytes(a.peakRss)} RSS`);
     }
@@ -132,6 +142,7 @@ async function main(): Promise<void> {
 
     console.log(`\n## Import: ${mixed.storePath}`);
     console.log(`NAR ${mixed.narSize} bytes (${megabytes(mixed.narSize)}); ${machine}`);
+    console.log(`arca: ${await arcaRevision(arcaMain)}; load average at end: ${loadAverage()}`);
     console.log(
       `median of ${flags.runs} runs, wall clock; peak RSS (max of runs) by ${RSS_METHOD}\n`,
     );

@@ -24,17 +24,20 @@
  *   1 GiB path, fresh XDG_CACHE_HOME each → seconds, MB/s of NAR.
  *
  * Usage: `deno run -A bench/serve.ts [--paths 300] [--size-mib 1024] [--rounds 3]
- * [--copy-runs 2] [--narinfo-passes 5] [--keep]`
+ * [--copy-runs 2] [--narinfo-passes 5] [--keep] [--main <main.ts>]` (`--main` runs another
+ * checkout's arca, e.g. a `git archive` of a commit, when the working tree is mid-change.)
  * @module
  */
 
 import {
   arcaArgs,
+  arcaRevision,
   benchEnv,
   ensureMixedPath,
   fixed,
   formatTable,
   freePort,
+  loadAverage,
   machineInfo,
   makeScratchDir,
   mbPerSecond,
@@ -43,6 +46,7 @@ import {
   parseFlags,
   pathInfos,
   removeTree,
+  resolveMain,
   run,
   waitForHttp,
   warmPageCache,
@@ -194,6 +198,7 @@ ${temps}
 async function startArca(
   cacheDir: string,
   env: Record<string, string>,
+  main: string,
 ): Promise<Server> {
   const port = freePort();
   const child = new Deno.Command(Deno.execPath(), {
@@ -205,7 +210,7 @@ async function startArca(
       "serve",
       "--bind",
       `127.0.0.1:${port}`,
-    ]),
+    ], main),
     env,
     clearEnv: true,
     stdin: "null",
@@ -313,7 +318,9 @@ async function main(): Promise<void> {
     copyRuns: 2,
     narinfoPasses: 5,
     keep: false,
+    main: "",
   });
+  const arcaMain = resolveMain(flags.main);
   const machine = await machineInfo();
   const scratch = makeScratchDir("serve");
   const servers: Server[] = [];
@@ -338,15 +345,15 @@ async function main(): Promise<void> {
     const arcaCache = `${scratch}/arca-cache`;
     log(`arca import-closure + import into ${arcaCache}`);
     const common = ["--cache-dir", arcaCache, "--backend", "kv"];
-    await run(Deno.execPath(), arcaArgs([...common, "import-closure", closure.root]), {
+    await run(Deno.execPath(), arcaArgs([...common, "import-closure", closure.root], arcaMain), {
       env,
       discardStdout: true,
     });
-    await run(Deno.execPath(), arcaArgs([...common, "import", mixed.storePath]), { env });
+    await run(Deno.execPath(), arcaArgs([...common, "import", mixed.storePath], arcaMain), { env });
 
     const nginx = await startNginx(nixCache, scratch);
     servers.push(nginx);
-    const arca = await startArca(arcaCache, benchEnv(scratch));
+    const arca = await startArca(arcaCache, benchEnv(scratch), arcaMain);
     servers.push(arca);
 
     const hashes = closure.paths.map((p) =>
@@ -473,6 +480,7 @@ async function main(): Promise<void> {
 
     console.log(`\n## Serve: arca serve vs nginx (Nix-written file cache)`);
     console.log(machine);
+    console.log(`arca: ${await arcaRevision(arcaMain)}; load average at end: ${loadAverage()}`);
     console.log(
       `closure: ${hashes.length} paths, NAR ${megabytes(closure.narBytes)}; NAR files as served: ` +
         `nginx ${megabytes(narBytes)}, arca ${megabytes(arcaNarBytes)} (zstd)`,
