@@ -96,6 +96,8 @@ export interface RunResult {
   /** Peak resident set size in bytes, when asked for. */
   peakRss?: number;
   rssMethod?: RssMethod;
+  /** User and system CPU seconds of the command (only under `/usr/bin/time -v`). */
+  cpuSeconds?: { user: number; system: number };
 }
 
 /** Options of {@link run}. */
@@ -177,6 +179,9 @@ export async function run(cmd: string, args: string[], options: RunOptions = {})
     Deno.removeSync(timeFile);
     const match = /Maximum resident set size \(kbytes\): (\d+)/.exec(report);
     if (match) result.peakRss = Number(match[1]) * 1024;
+    const user = /User time \(seconds\): ([\d.]+)/.exec(report);
+    const system = /System time \(seconds\): ([\d.]+)/.exec(report);
+    if (user && system) result.cpuSeconds = { user: Number(user[1]), system: Number(system[1]) };
     result.rssMethod = "/usr/bin/time -v";
   } else if (options.measureRss) {
     result.peakRss = peakRss;

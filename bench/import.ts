@@ -43,6 +43,8 @@ interface Sample {
   seconds: number;
   peakRss?: number;
   storedBytes: number;
+  /** User + system CPU seconds, when /usr/bin/time measured them. */
+  cpu?: { user: number; system: number };
 }
 
 function log(line: string): void {
@@ -60,7 +62,7 @@ async function nixCopyRun(storePath: string, scratch: string, round: number): Pr
   const storedBytes = await diskUsage(`${dest}/nar`);
   await removeTree(dest);
   await removeTree(env.XDG_CACHE_HOME);
-  return { seconds: result.seconds, peakRss: result.peakRss, storedBytes };
+  return { seconds: result.seconds, peakRss: result.peakRss, storedBytes, cpu: result.cpuSeconds };
 }
 
 async function arcaImportRun(
@@ -91,7 +93,7 @@ async function arcaImportRun(
   const storedBytes = await diskUsage(`${cacheDir}/objects`);
   await removeTree(cacheDir);
   await removeTree(env.XDG_CACHE_HOME);
-  return { seconds: result.seconds, peakRss: result.peakRss, storedBytes };
+  return { seconds: result.seconds, peakRss: result.peakRss, storedBytes, cpu: result.cpuSeconds };
 }
 
 async function main(): Promise<void> {
@@ -118,24 +120,29 @@ async function main(): Promise<void> {
     }
 
     const nixSeconds = median(nix.map((s) => s.seconds));
-    const rows = [["nix copy --to file://…?compression=zstd", nix], [
-      "arca import (kv, zstd)",
-      arca,
-    ]]
-      .map(([name, samples]) => {
-        const list = samples as Sample[];
-        const seconds = median(list.map((s) => s.seconds));
-        const rss = Math.max(...list.map((s) => s.peakRss ?? 0));
-        return [
-          name as string,
-          fixed(seconds),
-          fixed(mbPerSecond(mixed.narSize, seconds), 1),
-          `${fixed(nixSeconds / seconds)}×`,
-          rss ? megabytes(rss) : "n/a",
-          megabytes(median(list.map((s) => s.storedBytes))),
-          list.map((s) => fixed(s.seconds)).join(", "),
-        ];
-      });
+    const tools: [string, Sample[]][] = [
+      ["nix copy --to file://…?compression=zstd", nix],
+      ["arca import (kv, zstd)", arca],
+    ];
+    const rows = tools.map(([name, list]) => {
+      const seconds = median(list.map((s) => s.seconds));
+      const rss = Math.max(...list.map((s) => s.peakRss ?? 0));
+      const cpu = list.every((s) => s.cpu)
+        ? `${fixed(median(list.map((s) => s.cpu!.user)), 1)} + ${
+          fixed(median(list.map((s) => s.cpu!.system)), 1)
+        }`
+        : "n/a";
+      return [
+        name,
+        fixed(seconds),
+        fixed(mbPerSecond(mixed.narSize, seconds), 1),
+        `${fixed(nixSeconds / seconds)}×`,
+        rss ? megabytes(rss) : "n/a",
+        cpu,
+        megabytes(median(list.map((s) => s.storedBytes))),
+        list.map((s) => fixed(s.seconds)).join(", "),
+      ];
+    });
     const arcaSeconds = median(arca.map((s) => s.seconds));
     const arcaRss = Math.max(...arca.map((s) => s.peakRss ?? 0));
     const speedup = nixSeconds / arcaSeconds;
@@ -147,7 +154,16 @@ async function main(): Promise<void> {
       `median of ${flags.runs} runs, wall clock; peak RSS (max of runs) by ${RSS_METHOD}\n`,
     );
     console.log(formatTable(
-      ["tool", "seconds", "MB/s of NAR", "speed vs nix", "peak RSS", "stored", "runs (s)"],
+      [
+        "tool",
+        "seconds",
+        "MB/s of NAR",
+        "speed vs nix",
+        "peak RSS",
+        "CPU s user + sys",
+        "stored",
+        "runs (s)",
+      ],
       rows,
     ));
     console.log(
