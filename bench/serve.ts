@@ -13,8 +13,9 @@
  * - an arca cache: `arca import-closure <root>` + `arca import <1 GiB path>`, served by
  *   `arca serve`.
  *
- * Measurements, each server in turn, `--rounds` times (median reported), with curl as the
- * client (one process, URLs from a config file, so curl's own cost is small and equal):
+ * Measurements, on both servers back to back (order alternating), `--rounds` times, with
+ * curl as the client (one process, URLs from a config file, so curl's own cost is small
+ * and equal):
  * - every narinfo of the closure, one after another on ONE keep-alive connection
  *   (the list repeated `--narinfo-passes` times) → requests/s;
  * - every NAR (URL from each server's own narinfo), one after another on one connection,
@@ -23,8 +24,8 @@
  * - `nix copy --from http://127.0.0.1:<port> --to <fresh store> --no-check-sigs` of the
  *   1 GiB path, fresh XDG_CACHE_HOME each → seconds, MB/s of NAR.
  *
- * Usage: `deno run -A bench/serve.ts [--paths 300] [--size-mib 1024] [--rounds 3]
- * [--copy-runs 2] [--narinfo-passes 5] [--keep] [--main <main.ts>]` (`--main` runs another
+ * Usage: `deno run -A bench/serve.ts [--paths 300] [--size-mib 1024] [--rounds 5]
+ * [--copy-runs 3] [--narinfo-passes 5] [--keep] [--main <main.ts>]` (`--main` runs another
  * checkout's arca, e.g. a `git archive` of a commit, when the working tree is mid-change.)
  * @module
  */
@@ -314,8 +315,8 @@ async function main(): Promise<void> {
   const flags = parseFlags(Deno.args, {
     paths: 300,
     sizeMib: 1024,
-    rounds: 3,
-    copyRuns: 2,
+    rounds: 5,
+    copyRuns: 3,
     narinfoPasses: 5,
     keep: false,
     main: "",
@@ -382,32 +383,44 @@ async function main(): Promise<void> {
       await curlBatch(urls, scratch, { sizes });
     }
 
+    // Each measurement is taken on both servers back to back, the order alternating by
+    // round, so that load from other processes hits both about equally; the ratio is the
+    // median of these paired ratios.
     for (let round = 0; round < flags.rounds; round++) {
-      for (const server of servers) {
+      const order = round % 2 === 0 ? servers : [...servers].reverse();
+      for (const server of order) {
         const s = samples.get(server.name)!;
         const info = await curlBatch(narinfoUrls(server.base), scratch);
         s.narinfoRate.push(info.requests / info.seconds);
         s.connects.push(info.connects);
+      }
+      for (const server of order) {
+        const s = samples.get(server.name)!;
         const { urls, sizes } = nars.get(server.name)!;
         const seq = await curlBatch(urls, scratch, { sizes });
         s.narSeqRate.push(mbPerSecond(seq.bytes, seq.seconds));
         s.connects.push(seq.connects);
+      }
+      for (const server of order) {
+        const s = samples.get(server.name)!;
+        const { urls, sizes } = nars.get(server.name)!;
         const par = await curlBatch(urls, scratch, { sizes, parallel: 16 });
         s.narParRate.push(mbPerSecond(par.bytes, par.seconds));
+      }
+      for (const server of servers) {
+        const s = samples.get(server.name)!;
         log(
-          `round ${round + 1} ${server.name}: narinfo ${
-            fixed(info.requests / info.seconds, 0)
-          }/s, ` +
-            `NARs 1 conn ${fixed(mbPerSecond(seq.bytes, seq.seconds), 1)} MB/s, ` +
-            `16 conns ${fixed(mbPerSecond(par.bytes, par.seconds), 1)} MB/s ` +
-            `(${seq.bytes} bytes; connections opened: ${info.connects} + ${seq.connects})`,
+          `round ${round + 1} ${server.name}: narinfo ${fixed(s.narinfoRate.at(-1)!, 0)}/s, ` +
+            `NARs 1 conn ${fixed(s.narSeqRate.at(-1)!, 1)} MB/s, ` +
+            `16 conns ${fixed(s.narParRate.at(-1)!, 1)} MB/s ` +
+            `(connections opened: ${s.connects.slice(-2).join(" + ")})`,
         );
       }
     }
 
     await warmPageCache(mixed.storePath, env);
     for (let round = 0; round < flags.copyRuns; round++) {
-      for (const server of servers) {
+      for (const server of round % 2 === 0 ? servers : [...servers].reverse()) {
         const store = `${scratch}/store-${server.name}-${round}`;
         const copyEnv = benchEnv(scratch);
         const result = await run("nix", [
@@ -436,46 +449,40 @@ async function main(): Promise<void> {
     const rows: string[][] = [];
     const verdict = (ratio: number, target?: number) =>
       target === undefined ? "—" : ratio >= target ? `≥ ${target}×: MET` : `≥ ${target}×: MISSED`;
+    /** Median of the per-round ratios arca/nginx (`inverse` for times: nginx/arca). */
+    const pairedRatio = (nv: number[], av: number[], inverse = false) =>
+      median(nv.map((x, i) => inverse ? x / av[i] : av[i] / x));
     const add = (
       label: string,
-      nv: number,
-      av: number,
+      nv: number[],
+      av: number[],
       unit: string,
       target?: number,
       digits = 1,
     ) => {
+      const ratio = pairedRatio(nv, av);
       rows.push([
         label,
-        `${fixed(nv, digits)} ${unit}`,
-        `${fixed(av, digits)} ${unit}`,
-        `${fixed(av / nv)}×`,
-        verdict(av / nv, target),
+        `${fixed(median(nv), digits)} (${fixed(Math.max(...nv), digits)}) ${unit}`,
+        `${fixed(median(av), digits)} (${fixed(Math.max(...av), digits)}) ${unit}`,
+        `${fixed(ratio)}×`,
+        verdict(ratio, target),
       ]);
     };
-    add(
-      "narinfo, one by one, 1 connection",
-      median(n.narinfoRate),
-      median(a.narinfoRate),
-      "req/s",
-      0.8,
-      0,
-    );
-    add(
-      "all NARs, one by one, 1 connection",
-      median(n.narSeqRate),
-      median(a.narSeqRate),
-      "MB/s",
-      0.5,
-    );
-    add("all NARs, 16 concurrent", median(n.narParRate), median(a.narParRate), "MB/s");
-    const nCopy = median(n.copySeconds);
-    const aCopy = median(a.copySeconds);
+    add("narinfo, one by one, 1 connection", n.narinfoRate, a.narinfoRate, "req/s", 0.8, 0);
+    add("all NARs, one by one, 1 connection", n.narSeqRate, a.narSeqRate, "MB/s", 0.5);
+    add("all NARs, 16 concurrent", n.narParRate, a.narParRate, "MB/s");
+    const copyRatio = pairedRatio(n.copySeconds, a.copySeconds, true);
+    const copyCell = (seconds: number[]) =>
+      `${fixed(median(seconds))} (${fixed(Math.min(...seconds))}) s = ${
+        fixed(mbPerSecond(mixed.narSize, median(seconds)), 1)
+      } MB/s`;
     rows.push([
       `nix copy --from http (1 path, NAR ${megabytes(mixed.narSize)})`,
-      `${fixed(nCopy)} s (${fixed(mbPerSecond(mixed.narSize, nCopy), 1)} MB/s)`,
-      `${fixed(aCopy)} s (${fixed(mbPerSecond(mixed.narSize, aCopy), 1)} MB/s)`,
-      `${fixed(nCopy / aCopy)}×`,
-      verdict(nCopy / aCopy, 0.9),
+      copyCell(n.copySeconds),
+      copyCell(a.copySeconds),
+      `${fixed(copyRatio)}×`,
+      verdict(copyRatio, 0.9),
     ]);
 
     console.log(`\n## Serve: arca serve vs nginx (Nix-written file cache)`);
@@ -487,8 +494,10 @@ async function main(): Promise<void> {
     );
     console.log(
       `client: curl, one process; narinfo ${flags.narinfoPasses} passes over the closure ` +
-        `(${hashes.length * flags.narinfoPasses} requests); median of ${flags.rounds} rounds; ` +
-        `nix copy median of ${flags.copyRuns}; connections opened per one-connection batch: ` +
+        `(${hashes.length * flags.narinfoPasses} requests); cells: median (best) of ` +
+        `${flags.rounds} rounds, nix copy of ${flags.copyRuns}; arca/nginx: median of the ` +
+        `paired per-round ratios (speed; for nix copy nginx time / arca time); ` +
+        `connections opened per one-connection batch: ` +
         `nginx ${Math.max(...n.connects)}, arca ${Math.max(...a.connects)}\n`,
     );
     console.log(formatTable(["measure", "nginx", "arca", "arca/nginx", "target"], rows));
