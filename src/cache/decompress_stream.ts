@@ -210,6 +210,30 @@ class InputQueue {
     }
   }
 
+  /**
+   * Like {@link read}, but coalesces small chunks (copying them) until at least `min` bytes
+   * are together or the input ends: decoders pay a fixed cost per write.
+   */
+  async readAtLeast(min: number): Promise<Uint8Array | null> {
+    const first = await this.read();
+    if (first === null || first.length >= min) return first;
+    let buffer = new Uint8Array(min);
+    buffer.set(first);
+    let size = first.length;
+    while (size < min) {
+      const next = await this.read();
+      if (next === null) break;
+      if (size + next.length > buffer.length) {
+        const grown = new Uint8Array(size + next.length);
+        grown.set(buffer.subarray(0, size));
+        buffer = grown;
+      }
+      buffer.set(next, size);
+      size += next.length;
+    }
+    return buffer.subarray(0, size);
+  }
+
   #notify(): void {
     const wake = this.#wake;
     this.#wake = null;
@@ -314,6 +338,13 @@ const DECODERS: Record<UploadCompression, Decoder> = {
   bzip2: decodeBzip2,
   br: decodeBrotli,
 };
+
+/** Smallest piece of input handed to a decoder (but the last). */
+const MIN_DECODER_INPUT = 64 * 1024;
+
+function next(input: InputQueue): Promise<Uint8Array | null> {
+  return input.readAtLeast(MIN_DECODER_INPUT);
+}
 
 async function* decodeNone(input: InputQueue): AsyncGenerator<Uint8Array, void, undefined> {
   for (let chunk = await input.read(); chunk !== null; chunk = await input.read()) {
@@ -658,7 +689,7 @@ async function* decodeZstd(input: InputQueue): AsyncGenerator<Uint8Array, void, 
   let produced = 0;
   let frames = 0;
   try {
-    for (let chunk = await input.read(); chunk !== null; chunk = await input.read()) {
+    for (let chunk = await next(input); chunk !== null; chunk = await next(input)) {
       for (const part of scanner.split(chunk)) {
         if (part.type === "start") {
           frames++;
@@ -848,7 +879,8 @@ class Xxh64 {
     const t = this.#tail;
     let p = 0;
     const n = this.#tailLength;
-    const u32 = (at: number) => (t[at] | (t[at + 1] << 8) | (t[at + 2] << 16) | (t[at + 3] << 24)) >>> 0;
+    const u32 = (at: number) =>
+      (t[at] | (t[at + 1] << 8) | (t[at + 2] << 16) | (t[at + 3] << 24)) >>> 0;
     for (; p + 8 <= n; p += 8) {
       round(0, 0, u32(p + 4), u32(p), out);
       rotl((h ^ out.h) >>> 0, (l ^ out.l) >>> 0, 27, out);
@@ -946,9 +978,16 @@ function loadXz(): Promise<XzNamespace> {
 
 async function* decodeXz(input: InputQueue): AsyncGenerator<Uint8Array, void, undefined> {
   const xz = await loadXz();
+  let first: Uint8Array | null = await next(input);
+  if (first === null) throw new FormatError("Cannot decompress xz stream: empty input");
   const source = new ReadableStream<Uint8Array>({
     async pull(controller) {
-      const chunk = await input.read();
+      if (first !== null) {
+        controller.enqueue(first);
+        first = null;
+        return;
+      }
+      const chunk = await next(input);
       if (chunk === null) controller.close();
       else controller.enqueue(chunk);
     },
@@ -980,7 +1019,7 @@ async function* decodeBrotli(input: InputQueue): AsyncGenerator<Uint8Array, void
     zlib.createBrotliDecompress({ chunkSize: ZLIB_CHUNK_SIZE }) as unknown as ZlibStream,
   );
   try {
-    for (let chunk = await input.read(); chunk !== null; chunk = await input.read()) {
+    for (let chunk = await next(input); chunk !== null; chunk = await next(input)) {
       yield* pump.write(chunk);
       if (pump.consumed < input.position) {
         throw new FormatError(
@@ -1074,6 +1113,11 @@ class Bzip2Decoder {
   #repeat = 0;
 
   push(chunk: Uint8Array): void {
+    if (this.#end + chunk.length <= this.#buf.length) {
+      this.#buf.set(chunk, this.#end);
+      this.#end += chunk.length;
+      return;
+    }
     const keep = this.#bit >>> 3;
     const live = this.#end - keep;
     if (live + chunk.length > this.#buf.length) {
@@ -1101,18 +1145,26 @@ class Bzip2Decoder {
           if (available < 4) {
             if (!ended) return null;
             if (available === 0 && this.#streams > 0) return true;
-            if (available === 0) throw new FormatError("Cannot decompress bzip2 stream: empty input");
+            if (available === 0) {
+              throw new FormatError("Cannot decompress bzip2 stream: empty input");
+            }
             if (this.#streams > 0) throw this.#trailing(at);
-            throw new IntegrityError("Cannot decompress bzip2 stream: input truncated in the header");
+            throw new IntegrityError(
+              "Cannot decompress bzip2 stream: input truncated in the header",
+            );
           }
           const b = this.#buf;
-          if (b[at] !== 0x42 || b[at + 1] !== 0x5a || b[at + 2] !== 0x68 || b[at + 3] < 0x31 ||
-            b[at + 3] > 0x39) {
+          if (
+            b[at] !== 0x42 || b[at + 1] !== 0x5a || b[at + 2] !== 0x68 || b[at + 3] < 0x31 ||
+            b[at + 3] > 0x39
+          ) {
             if (this.#streams > 0) throw this.#trailing(at);
             throw new FormatError("Cannot decompress bzip2 stream: bad magic (not bzip2)");
           }
           this.#level = b[at + 3] - 0x30;
-          if (this.#tt.length < this.#level * 100000) this.#tt = new Uint32Array(this.#level * 100000);
+          if (this.#tt.length < this.#level * 100000) {
+            this.#tt = new Uint32Array(this.#level * 100000);
+          }
           this.#bit += 32;
           this.#streams++;
           this.#streamCrc = 0;
@@ -1307,7 +1359,9 @@ class Bzip2Decoder {
         // Bits past the real end were read as zeros: stop there.
         if (pos * 8 - bitCount > end * 8) throw UNDERFLOW;
         group++;
-        if (group >= selectors.length) throw overrun() ? UNDERFLOW : fail("more symbol groups than selectors");
+        if (group >= selectors.length) {
+          throw overrun() ? UNDERFLOW : fail("more symbol groups than selectors");
+        }
         table = tables[selectors[group]];
         groupLeft = BZ_GROUP_SIZE;
       }
@@ -1319,7 +1373,8 @@ class Bzip2Decoder {
       }
       // Decode one symbol.
       let symbol: number;
-      const entry = table.lookup[(bitBuf >>> (bitCount - BZ_LOOKUP_BITS)) & ((1 << BZ_LOOKUP_BITS) - 1)];
+      const entry =
+        table.lookup[(bitBuf >>> (bitCount - BZ_LOOKUP_BITS)) & ((1 << BZ_LOOKUP_BITS) - 1)];
       if (entry >= 0) {
         symbol = entry >>> 5;
         bitCount -= entry & 31;
@@ -1493,7 +1548,7 @@ async function* decodeBzip2(input: InputQueue): AsyncGenerator<Uint8Array, void,
       yield result;
       continue;
     }
-    const chunk = await input.read();
+    const chunk = await next(input);
     if (chunk === null) ended = true;
     else decoder.push(chunk);
   }
