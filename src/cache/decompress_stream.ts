@@ -5,9 +5,11 @@
  *
  * {@link decompressStream} returns a readable/writable pair for `pipeThrough`. Output is
  * produced incrementally and on demand: nothing is decoded while the consumer does not read,
- * and at most one input chunk is held beyond the decoder's own state (a zstd window of at
- * most 128 MiB, 8 MiB for Nix's and the CLI's defaults; an xz dictionary; a bzip2 block of
- * at most 900 kB plus 3.6 MB of tables). Corrupt, truncated or trailing input errors the
+ * and at most one input chunk (coalesced to 64 KiB if smaller) is held beyond the decoder's
+ * own state: a zstd window (2 MiB at level 3, as Nix writes; at most 128 MiB, what
+ * `zstd --long` uses), an xz dictionary (8 MiB at preset 6, as Nix writes; whatever the
+ * stream declares, up to 1.5 GiB, since the binding has no memory limit), a bzip2 block
+ * (at most 900 kB plus 4.5 MB of tables). Corrupt, truncated or trailing input errors the
  * stream with a {@link FormatError} (bad structure, trailing data, unsupported feature) or an
  * {@link IntegrityError} (checksum mismatch, corrupt data, truncation); it never ends early
  * without an error.
@@ -976,20 +978,26 @@ function loadXz(): Promise<XzNamespace> {
   return xzNamespace;
 }
 
+/** Largest piece handed to the xz binding, which queues dozens of pieces of input ahead. */
+const XZ_PIECE = 64 * 1024;
+
 async function* decodeXz(input: InputQueue): AsyncGenerator<Uint8Array, void, undefined> {
   const xz = await loadXz();
-  let first: Uint8Array | null = await next(input);
-  if (first === null) throw new FormatError("Cannot decompress xz stream: empty input");
+  let chunk: Uint8Array | null = await next(input);
+  if (chunk === null) throw new FormatError("Cannot decompress xz stream: empty input");
+  let offset = 0;
   const source = new ReadableStream<Uint8Array>({
     async pull(controller) {
-      if (first !== null) {
-        controller.enqueue(first);
-        first = null;
+      if (chunk !== null && offset >= chunk.length) {
+        chunk = await next(input);
+        offset = 0;
+      }
+      if (chunk === null) {
+        controller.close();
         return;
       }
-      const chunk = await next(input);
-      if (chunk === null) controller.close();
-      else controller.enqueue(chunk);
+      controller.enqueue(chunk.subarray(offset, offset + XZ_PIECE));
+      offset += XZ_PIECE;
     },
   }, { highWaterMark: 0 });
   const reader = xz.decompressStream(source).getReader();
@@ -1103,9 +1111,12 @@ class Bzip2Decoder {
   #streamCrc = 0;
   // The current block.
   #tt = new Uint32Array(0);
+  /** The block after the inverse BWT, before RLE1 decoding. */
+  #bwt = new Uint8Array(0);
   #blockCrc = 0;
   #blocks = 0;
   #crc = 0;
+  /** Next byte of `#bwt`. */
   #tPos = 0;
   #left = 0;
   #last = -1;
@@ -1164,6 +1175,7 @@ class Bzip2Decoder {
           this.#level = b[at + 3] - 0x30;
           if (this.#tt.length < this.#level * 100000) {
             this.#tt = new Uint32Array(this.#level * 100000);
+            this.#bwt = new Uint8Array(this.#level * 100000);
           }
           this.#bit += 32;
           this.#streams++;
@@ -1442,7 +1454,14 @@ class Bzip2Decoder {
       const byte = tt[i] & 0xff;
       tt[next[byte]++] |= i << 8;
     }
-    this.#tPos = tt[origPtr] >>> 8;
+    // Follow the links once into a byte array (one cache miss per byte, in a tight loop).
+    const bwt = this.#bwt;
+    for (let i = 0, p = tt[origPtr] >>> 8; i < nblock; i++) {
+      const entry = tt[p];
+      bwt[i] = entry;
+      p = entry >>> 8;
+    }
+    this.#tPos = 0;
     this.#left = nblock;
     this.#last = -1;
     this.#run = 0;
@@ -1453,9 +1472,9 @@ class Bzip2Decoder {
     return true;
   }
 
-  /** Writes the next bytes of the block (inverse BWT + RLE1) into `out`; returns the count. */
+  /** Writes the next bytes of the block (RLE1 decoding) into `out`; returns the count. */
   #fill(out: Uint8Array): number {
-    const tt = this.#tt;
+    const bwt = this.#bwt;
     let tPos = this.#tPos, left = this.#left, last = this.#last, run = this.#run;
     let repeat = this.#repeat;
     let o = 0;
@@ -1469,9 +1488,7 @@ class Bzip2Decoder {
         continue;
       }
       if (left === 0) break;
-      const entry = tt[tPos];
-      const byte = entry & 0xff;
-      tPos = entry >>> 8;
+      const byte = bwt[tPos++];
       left--;
       if (run === 4) {
         repeat = byte;
