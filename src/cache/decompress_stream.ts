@@ -561,8 +561,11 @@ class ZstdScanner {
         `Cannot decompress zstd stream: ${this.#fieldLength} trailing bytes after the last frame`,
       );
     }
+    const frame = this.#state === Zs.Magic || this.#state === Zs.FrameHeader
+      ? this.#frames + 1
+      : this.#frames;
     throw new IntegrityError(
-      `Cannot decompress zstd stream: input truncated inside frame ${this.#frames + 1} ` +
+      `Cannot decompress zstd stream: input truncated inside frame ${frame} ` +
         `(${this.#offset} bytes read)`,
     );
   }
