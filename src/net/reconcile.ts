@@ -65,6 +65,7 @@ const MODE_FINGERPRINT = 1;
 const MODE_ID_LIST = 2;
 const MODE_DIFF = 3;
 const MAX_TIMESTAMP = Number.MAX_SAFE_INTEGER;
+const MAX_VARINT = 2 ** 53;
 /** Most bytes one bound takes: 8-digit varint, 1-byte length, 32-byte prefix. */
 const MAX_BOUND_BYTES = 8 + 1 + RECONCILE_ID_BYTES;
 /** Room kept for the closing ranges of a cut-short message (a Skip and a Fingerprint). */
@@ -153,13 +154,41 @@ function compareBounds(a: ReconcileBound, b: ReconcileBound): number {
   return 0;
 }
 
-function compareItems(a: ReconcileItem, b: ReconcileItem): number {
-  if (a.timestamp !== b.timestamp) return a.timestamp < b.timestamp ? -1 : 1;
-  return compareBytes(a.id, b.id);
-}
-
 function idKey(id: Uint8Array): string {
   return Buffer.from(id.buffer, id.byteOffset, id.length).toString("latin1");
+}
+
+/** `ids` ordered bytewise (returns indexes into `ids`). */
+function sortedIndexes(ids: Uint8Array[]): number[] {
+  return Array.from(ids.keys()).sort((a, b) => compareBytes(ids[a], ids[b]));
+}
+
+/**
+ * Matches two lists of ids by value: `leftFound[i]` / `rightFound[j]` become 1 for the ids
+ * present in both (an id repeated in one list matches every copy).
+ */
+function matchIds(
+  left: Uint8Array[],
+  right: Uint8Array[],
+): { leftFound: Uint8Array; rightFound: Uint8Array } {
+  const leftFound = new Uint8Array(left.length);
+  const rightFound = new Uint8Array(right.length);
+  if (left.length === 0 || right.length === 0) return { leftFound, rightFound };
+  const l = sortedIndexes(left);
+  const r = sortedIndexes(right);
+  let i = 0;
+  let j = 0;
+  while (i < l.length && j < r.length) {
+    const order = compareBytes(left[l[i]], right[r[j]]);
+    if (order < 0) i++;
+    else if (order > 0) j++;
+    else {
+      const id = left[l[i]];
+      while (i < l.length && compareBytes(left[l[i]], id) === 0) leftFound[l[i++]] = 1;
+      while (j < r.length && compareBytes(right[r[j]], id) === 0) rightFound[r[j++]] = 1;
+    }
+  }
+  return { leftFound, rightFound };
 }
 
 function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
@@ -196,11 +225,13 @@ export class ReconcileStorage {
    * not 32 bytes
    */
   constructor(items: Iterable<ReconcileItem>) {
-    let list = Array.from(items);
+    const list = Array.from(items);
     const count = list.length;
     const keys = new Float64Array(count);
     /** First 4 id bytes, big-endian: settles almost every tie of timestamps at once. */
     const heads = new Uint32Array(count);
+    const compare = (a: number, b: number) =>
+      keys[a] - keys[b] || heads[a] - heads[b] || compareBytes(list[a].id, list[b].id);
     let sorted = true;
     for (let i = 0; i < count; i++) {
       const { timestamp, id } = list[i];
@@ -218,25 +249,19 @@ export class ReconcileStorage {
       }
       keys[i] = timestamp;
       heads[i] = ((id[0] << 24) | (id[1] << 16) | (id[2] << 8) | id[3]) >>> 0;
-      if (sorted && i > 0 && compareItems(list[i - 1], list[i]) > 0) sorted = false;
+      if (sorted && i > 0 && compare(i - 1, i) > 0) sorted = false;
     }
-    if (!sorted) {
-      const order = new Uint32Array(count);
-      for (let i = 0; i < count; i++) order[i] = i;
-      order.sort((a, b) =>
-        keys[a] - keys[b] || heads[a] - heads[b] || compareBytes(list[a].id, list[b].id)
-      );
-      const unordered = list;
-      list = new Array<ReconcileItem>(count);
-      for (let i = 0; i < count; i++) list[i] = unordered[order[i]];
-    }
+    const order = new Uint32Array(count);
+    for (let i = 0; i < count; i++) order[i] = i;
+    if (!sorted) order.sort(compare);
 
-    const timestamps = new Float64Array(list.length);
-    const ids = new Uint8Array(list.length * RECONCILE_ID_BYTES);
-    const sums = new Uint32Array((list.length + 1) * 8);
+    const timestamps = new Float64Array(count);
+    const ids = new Uint8Array(count * RECONCILE_ID_BYTES);
+    const sums = new Uint32Array((count + 1) * 8);
     let size = 0;
-    for (let i = 0; i < list.length; i++) {
-      if (i > 0 && compareItems(list[i - 1], list[i]) === 0) continue;
+    for (let k = 0; k < count; k++) {
+      const i = order[k];
+      if (k > 0 && compare(order[k - 1], i) === 0) continue;
       const { timestamp, id } = list[i];
       timestamps[size] = timestamp;
       ids.set(id, size * RECONCILE_ID_BYTES);
@@ -550,7 +575,8 @@ class MessageReader {
       const byte = this.#bytes[this.#offset++];
       if (digits === 1 && byte === 0x80) fail(`varint (${what}) at byte ${start} is not minimal`);
       value = value * 128 + (byte & 0x7f);
-      if (value > MAX_TIMESTAMP) fail(`varint (${what}) at byte ${start} is too large`);
+      // 2^53 itself is exact, and needed: the bound after timestamp 2^53 − 1 encodes as 2^53.
+      if (value > MAX_VARINT) fail(`varint (${what}) at byte ${start} is too large`);
       if ((byte & 0x80) === 0) return value;
     }
   }
@@ -609,8 +635,10 @@ export function decodeReconcileMessage(
     const encoded = reader.varint(`timestamp of range ${n}`);
     let timestamp = Infinity;
     if (encoded !== 0) {
-      timestamp = lastTimestamp + encoded - 1;
-      if (timestamp > MAX_TIMESTAMP) fail(`timestamp of range ${n} is too large`);
+      if (encoded - 1 > MAX_TIMESTAMP - lastTimestamp) {
+        fail(`timestamp of range ${n} is too large`);
+      }
+      timestamp = lastTimestamp + (encoded - 1);
       lastTimestamp = timestamp;
     }
     const prefixLength = reader.varint(`id prefix length of range ${n}`);
@@ -953,19 +981,14 @@ export class Reconciler {
     const storage = this.#storage;
     const theirs = range.ids;
     let extra: number[] | null = null;
-    const found = new Uint8Array(theirs.length);
+    let found: Uint8Array = new Uint8Array(0);
     if (upper - lower - theirs.length <= this.#maxExtra) {
-      // Compared by id within the range: an id listed twice is found (or missing) once.
-      const keys = theirs.map(idKey);
-      const first = new Map<string, number>();
-      for (let i = keys.length - 1; i >= 0; i--) first.set(keys[i], i);
+      const ours: Uint8Array[] = [];
+      for (let i = lower; i < upper; i++) ours.push(storage.idAt(i));
+      const match = matchIds(theirs, ours);
+      found = match.leftFound;
       extra = [];
-      for (let i = lower; i < upper; i++) {
-        const at = first.get(idKey(storage.idAt(i)));
-        if (at === undefined) extra.push(i);
-        else found[at] = 1;
-      }
-      for (let i = 0; i < keys.length; i++) found[i] = found[first.get(keys[i])!];
+      for (let i = 0; i < ours.length; i++) if (!match.rightFound[i]) extra.push(lower + i);
       if (extra.length > this.#maxExtra) extra = null;
     }
     if (extra === null) {
@@ -1007,14 +1030,12 @@ export class Reconciler {
     }
     for (const i of range.missing) this.#report("have", this.#storage.idAt(lower + i), have);
     if (range.extra.length === 0) return;
-    const ours = new Set<string>();
-    for (let i = lower; i < upper; i++) ours.add(idKey(this.#storage.idAt(i)));
-    for (const id of range.extra) {
-      if (ours.has(idKey(id))) {
-        throw new ProtocolError("Peer's diff claims we lack an id we listed");
-      }
-      this.#report("need", id, need);
+    const ours: Uint8Array[] = [];
+    for (let i = lower; i < upper; i++) ours.push(this.#storage.idAt(i));
+    if (matchIds(range.extra, ours).leftFound.includes(1)) {
+      throw new ProtocolError("Peer's diff claims we lack an id we listed");
     }
+    for (const id of range.extra) this.#report("need", id, need);
   }
 
   /** Our items [lower, upper) as an IdList, or as 16 fingerprinted buckets. */
