@@ -666,6 +666,7 @@ Deno.test("memory stays bounded: 200 MiB of output through a slow reader", async
       args: [
         "run",
         "-A",
+        "--no-lock",
         "--v8-flags=--expose-gc",
         "--config",
         config,
