@@ -5,8 +5,8 @@
  *
  * {@link decompressStream} returns a readable/writable pair for `pipeThrough`. Output is
  * produced incrementally and on demand: nothing is decoded while the consumer does not read,
- * and at most one input chunk (coalesced to 64 KiB if smaller) is held beyond the decoder's
- * own state: a zstd window (2 MiB at level 3, as Nix writes; at most 128 MiB, what
+ * and at most two input chunks (small ones coalesced to 64 KiB) are held beyond the
+ * decoder's own state (the xz binding queues ~2.4 MB more, in 64 KiB pieces): a zstd window (2 MiB at level 3, as Nix writes; at most 128 MiB, what
  * `zstd --long` uses), an xz dictionary (8 MiB at preset 6, as Nix writes; whatever the
  * stream declares, up to 1.5 GiB, since the binding has no memory limit), a bzip2 block
  * (at most 900 kB plus 4.5 MB of tables). Corrupt, truncated or trailing input errors the
