@@ -6,10 +6,11 @@
  * {@link decompressStream} returns a readable/writable pair for `pipeThrough`. Output is
  * produced incrementally and on demand: nothing is decoded while the consumer does not read,
  * and at most two input chunks (small ones coalesced to 64 KiB) are held beyond the
- * decoder's own state (the xz binding queues ~2.4 MB more, in 64 KiB pieces): a zstd window (2 MiB at level 3, as Nix writes; at most 128 MiB, what
- * `zstd --long` uses), an xz dictionary (8 MiB at preset 6, as Nix writes; whatever the
- * stream declares, up to 1.5 GiB, since the binding has no memory limit), a bzip2 block
- * (at most 900 kB plus 4.5 MB of tables). Corrupt, truncated or trailing input errors the
+ * decoder's own state. That state is a zstd window (2 MiB at level 3, as Nix writes; at
+ * most 128 MiB, what `zstd --long` uses), an xz dictionary (8 MiB at preset 6, as Nix
+ * writes; whatever the stream declares, up to 1.5 GiB, since the binding has no memory
+ * limit) plus ~2.4 MB of input the xz binding queues, or a bzip2 block (at most 900 kB plus
+ * 4.5 MB of tables). Corrupt, truncated or trailing input errors the
  * stream with a {@link FormatError} (bad structure, trailing data, unsupported feature) or an
  * {@link IntegrityError} (checksum mismatch, corrupt data, truncation); it never ends early
  * without an error.
