@@ -257,28 +257,30 @@ export class ReconcileStorage {
 
     const timestamps = new Float64Array(count);
     const ids = new Uint8Array(count * RECONCILE_ID_BYTES);
-    const sums = new Uint32Array((count + 1) * 8);
     let size = 0;
     for (let k = 0; k < count; k++) {
       const i = order[k];
       if (k > 0 && compare(order[k - 1], i) === 0) continue;
-      const { timestamp, id } = list[i];
-      timestamps[size] = timestamp;
-      ids.set(id, size * RECONCILE_ID_BYTES);
+      timestamps[size] = list[i].timestamp;
+      ids.set(list[i].id, size * RECONCILE_ID_BYTES);
+      size++;
+    }
+    const words = new DataView(ids.buffer);
+    const sums = new Uint32Array((size + 1) * 8);
+    for (let item = 0; item < size; item++) {
+      const base = item * RECONCILE_ID_BYTES;
+      const at = item * 8;
       let carry = 0;
       for (let limb = 0; limb < 8; limb++) {
-        const o = limb * 4;
-        const word = (id[o] | (id[o + 1] << 8) | (id[o + 2] << 16) | (id[o + 3] << 24)) >>> 0;
-        const total = sums[size * 8 + limb] + word + carry;
-        sums[(size + 1) * 8 + limb] = total >>> 0;
+        const total = sums[at + limb] + words.getUint32(base + limb * 4, true) + carry;
+        sums[at + 8 + limb] = total >>> 0;
         carry = total > 0xffffffff ? 1 : 0;
       }
-      size++;
     }
     this.#size = size;
     this.#timestamps = timestamps.subarray(0, size);
     this.#ids = ids.subarray(0, size * RECONCILE_ID_BYTES);
-    this.#sums = sums.subarray(0, (size + 1) * 8);
+    this.#sums = sums;
   }
 
   /** Number of (distinct) items. */

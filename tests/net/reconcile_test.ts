@@ -169,6 +169,8 @@ function runSession(
   while (message !== null) {
     outcome.messages.push(message);
     outcome.bytes += message.length;
+    // What we send must pass our own strict decoder.
+    decodeReconcileMessage(message, { maxMessageBytes: options.maxMessageBytes });
     assert.ok(outcome.messages.length < 500, "session does not end");
     const step = receiver.reconcile(message);
     collect(receiver === peerA ? outcome.aHave : outcome.bHave, step.have);
