@@ -33,13 +33,17 @@
  * into 16 fingerprinted buckets, or an IdList under 32 items; an IdList by a Diff (or a
  * Skip when nothing differs, or a split when it holds too many items for one message).
  * A message that holds a Fingerprint or IdList expects a reply; the session is over when
- * one does not. Messages stay under `maxMessageBytes`: when the answer grows too large the
- * sender stops and sends one Fingerprint for everything after that point, to be refined
- * in the next round (Negentropy's frame size limit).
+ * one does not. Messages stay under `maxMessageBytes` (Negentropy's frame size limit): when
+ * the answers grow too large, the sender answers the remaining ranges with its own
+ * fingerprints (so they are refined next round at the same granularity), and when even
+ * those do not fit, with one Fingerprint for everything from there to infinity.
+ *
+ * Hostile input: every malformed message, unsolicited Diff, or session that runs past its
+ * limits (messages, ranges per message, differing ids) is a {@link ProtocolError}; work
+ * and allocation per message are bounded by the message size limit.
  * @module
  */
 
-import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import { FormatError, ProtocolError } from "../errors.ts";
 
@@ -154,8 +158,47 @@ function compareBounds(a: ReconcileBound, b: ReconcileBound): number {
   return 0;
 }
 
-function idKey(id: Uint8Array): string {
-  return Buffer.from(id.buffer, id.byteOffset, id.length).toString("latin1");
+/**
+ * A set of 32-byte ids bucketed by a 48-bit number mixed from all their bytes with a
+ * random salt (no strings are made; within a bucket the full bytes are compared). Honest
+ * ids never fill a bucket; a peer cannot aim at one without knowing the salt, and a full
+ * bucket only ends that peer's session.
+ */
+class IdSet {
+  #buckets = new Map<number, Uint8Array | Uint8Array[]>();
+  #salt = crypto.getRandomValues(new Uint32Array(2));
+  #size = 0;
+
+  get size(): number {
+    return this.#size;
+  }
+
+  /** Adds `id` (kept by reference); false when an equal id is already present. */
+  add(id: Uint8Array): boolean {
+    let h1 = this.#salt[0];
+    let h2 = this.#salt[1];
+    for (let o = 0; o < RECONCILE_ID_BYTES; o += 4) {
+      const word = id[o] | (id[o + 1] << 8) | (id[o + 2] << 16) | (id[o + 3] << 24);
+      h1 = Math.imul(h1 ^ word, 0x85ebca6b);
+      h1 ^= h1 >>> 13;
+      h2 = Math.imul(h2 ^ word, 0xc2b2ae35);
+      h2 ^= h2 >>> 16;
+    }
+    const key = (h1 >>> 0) * 65536 + (h2 >>> 16);
+    const bucket = this.#buckets.get(key);
+    if (bucket === undefined) {
+      this.#buckets.set(key, id);
+    } else if (bucket instanceof Uint8Array) {
+      if (bytesEqual(bucket, id)) return false;
+      this.#buckets.set(key, [bucket, id]);
+    } else {
+      for (const other of bucket) if (bytesEqual(other, id)) return false;
+      if (bucket.length >= 16) throw new ProtocolError("Peer sent ids that collide in our set");
+      bucket.push(id);
+    }
+    this.#size++;
+    return true;
+  }
 }
 
 /** `ids` ordered bytewise (returns indexes into `ids`). */
@@ -758,9 +801,15 @@ export interface ReconcilerOptions {
 export interface ReconcileStep {
   /** The message to send to the peer, or null when there is nothing to send. */
   reply: Uint8Array | null;
-  /** Ids we hold that the peer lacks, learnt in this step (each reported once a session). */
+  /**
+   * Ids we hold that the peer lacks, learnt in this step (each reported once a session).
+   * Views into the storage: read-only.
+   */
   have: Uint8Array[];
-  /** Ids the peer holds that we lack, learnt in this step (each reported once a session). */
+  /**
+   * Ids the peer holds that we lack, learnt in this step (each reported once a session).
+   * Copies, independent of the message bytes.
+   */
   need: Uint8Array[];
   /**
    * True when the session is over: send `reply` if there is one, then expect no further
@@ -800,7 +849,10 @@ export class Reconciler {
   #rounds = 0;
   /** `lower:upper` index ranges we sent as IdLists in our last message. */
   #sentIdLists = new Set<string>();
-  #reported = new Set<string>();
+  /** Per storage index: already reported as `have`. */
+  #reportedHave: Uint8Array;
+  #haveCount = 0;
+  #reportedNeed = new IdSet();
 
   /** Starts a session over `storage` (which may be shared by several sessions). */
   constructor(storage: ReconcileStorage, options: ReconcilerOptions = {}) {
@@ -811,6 +863,7 @@ export class Reconciler {
       );
     }
     this.#storage = storage;
+    this.#reportedHave = new Uint8Array(storage.size);
     this.#maxBytes = maxBytes;
     this.#maxRounds = options.maxRounds ?? DEFAULT_MAX_ROUNDS;
     this.#maxIds = options.maxIds ?? DEFAULT_MAX_IDS;
@@ -948,9 +1001,10 @@ export class Reconciler {
     }
     this.#sentIdLists = sent;
 
-    if (writer.open > 0) return { reply: writer.finish(), have, need, done: false };
+    const needed = this.#keepNeeded(need);
+    if (writer.open > 0) return { reply: writer.finish(), have, need: needed, done: false };
     const reply = writer.diffs > 0 || peerWaits ? writer.finish() : null;
-    return { reply, have, need, done: true };
+    return { reply, have, need: needed, done: true };
   }
 
   /** Skip on a match, else split our items in the range. */
@@ -1004,12 +1058,11 @@ export class Reconciler {
       writer.skip();
       return null;
     }
-    const extraIds = extra.map((i) => storage.idAt(i));
     writer.beginRange(lowerBound);
-    writer.diff(range.upper, theirs.length, missing, extraIds);
+    writer.diff(range.upper, theirs.length, missing, extra.map((i) => storage.idAt(i)));
     return (have, need) => {
-      for (const id of extraIds) this.#report("have", id, have);
-      for (const i of missing) this.#report("need", theirs[i], need);
+      for (const index of extra) this.#reportHave(index, have);
+      for (const i of missing) this.#reportNeed(theirs[i], need);
     };
   }
 
@@ -1030,14 +1083,14 @@ export class Reconciler {
         `Peer's diff answers ${range.listed} ids, but we listed ${upper - lower} in that range`,
       );
     }
-    for (const i of range.missing) this.#report("have", this.#storage.idAt(lower + i), have);
+    for (const i of range.missing) this.#reportHave(lower + i, have);
     if (range.extra.length === 0) return;
     const ours: Uint8Array[] = [];
     for (let i = lower; i < upper; i++) ours.push(this.#storage.idAt(i));
     if (matchIds(range.extra, ours).leftFound.includes(1)) {
       throw new ProtocolError("Peer's diff claims we lack an id we listed");
     }
-    for (const id of range.extra) this.#report("need", id, need);
+    for (const id of range.extra) this.#reportNeed(id, need);
   }
 
   /** Our items [lower, upper) as an IdList, or as 16 fingerprinted buckets. */
@@ -1068,15 +1121,38 @@ export class Reconciler {
     }
   }
 
-  #report(kind: "have" | "need", id: Uint8Array, out: Uint8Array[]): void {
-    const key = `${kind}:${idKey(id)}`;
-    if (this.#reported.has(key)) return;
-    if (this.#reported.size >= this.#maxIds) {
+  /** Records that the peer lacks our item `index` (once a session). */
+  #reportHave(index: number, out: Uint8Array[]): void {
+    if (this.#reportedHave[index]) return;
+    this.#checkIdLimit(out.length);
+    this.#reportedHave[index] = 1;
+    this.#haveCount++;
+    out.push(this.#storage.idAt(index));
+  }
+
+  /** Records that we lack `id`, a view into the message (copied by #keepNeeded). */
+  #reportNeed(id: Uint8Array, out: Uint8Array[]): void {
+    this.#checkIdLimit(out.length);
+    out.push(id);
+  }
+
+  #checkIdLimit(pending: number): void {
+    if (this.#haveCount + this.#reportedNeed.size + pending >= this.#maxIds) {
       throw new ProtocolError(
         `Reconciliation found more than ${this.#maxIds} differing ids: giving up`,
       );
     }
-    this.#reported.add(key);
-    out.push(id.slice());
+  }
+
+  /** Copies this step's needed ids out of the message (one block) and drops repeats. */
+  #keepNeeded(views: Uint8Array[]): Uint8Array[] {
+    const block = new Uint8Array(views.length * RECONCILE_ID_BYTES);
+    const kept: Uint8Array[] = [];
+    for (let i = 0; i < views.length; i++) {
+      block.set(views[i], i * RECONCILE_ID_BYTES);
+      const copy = block.subarray(i * RECONCILE_ID_BYTES, (i + 1) * RECONCILE_ID_BYTES);
+      if (this.#reportedNeed.add(copy)) kept.push(copy);
+    }
+    return kept;
   }
 }

@@ -711,3 +711,45 @@ Deno.test("fuzzed messages only ever cause ProtocolError", () => {
     feed(stateBefore(k), message, `${label}, mid-session`);
   }
 });
+
+Deno.test("an id learnt twice is reported once, and needed ids outlive the message", () => {
+  const rand = prng(900);
+  const items = Array.from(
+    { length: 40 },
+    (_, i) => ({ timestamp: i + 1, id: randomBytes(rand, 32) }),
+  );
+  const storage = new ReconcileStorage(items);
+  const initiator = new Reconciler(storage);
+  const buckets = decodeReconcileMessage(initiator.initiate());
+  assert.equal(buckets.length, 16);
+  const lower1 = storage.findLowerBound(buckets[0].upper);
+  const upper1 = storage.findLowerBound(buckets[1].upper);
+  const foreign = new Uint8Array(32).fill(0x42);
+
+  // Bucket 0: an IdList of one id A lacks; bucket 1: a fingerprint that cannot match.
+  const first = encodeReconcileMessage([
+    { upper: buckets[0].upper, mode: "idList", ids: [foreign] },
+    { upper: buckets[1].upper, mode: "fingerprint", fingerprint: new Uint8Array(16) },
+  ]);
+  const step1 = initiator.reconcile(first);
+  first.fill(0); // the caller may reuse its buffer
+  assert.deepEqual(step1.need, [new Uint8Array(32).fill(0x42)]);
+  assert.equal(step1.have.length, lower1);
+  assert.ok(!step1.done && step1.reply !== null);
+  const answer = decodeReconcileMessage(step1.reply);
+  assert.deepEqual(answer.map((r) => r.mode), ["diff", "idList"]);
+
+  // The peer answers A's IdList for bucket 1, naming the same foreign id again.
+  const second = encodeReconcileMessage([
+    { upper: buckets[0].upper, mode: "skip" },
+    {
+      upper: buckets[1].upper,
+      mode: "diff",
+      listed: upper1 - lower1,
+      missing: [0],
+      extra: [foreign],
+    },
+  ]);
+  const step2 = initiator.reconcile(second);
+  assert.deepEqual(step2, { reply: null, have: [storage.idAt(lower1)], need: [], done: true });
+});
