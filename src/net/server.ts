@@ -20,12 +20,25 @@
 
 import { addSignature, type Cache, type StoredNar } from "../cache/cache.ts";
 import { narFileExtension } from "../cache/compression.ts";
-import { ArcaError, NotFoundError } from "../errors.ts";
+import {
+  ArcaError,
+  FormatError,
+  IntegrityError,
+  NotFoundError,
+  SignatureError,
+} from "../errors.ts";
 import { formatNarListing, listNar } from "../cache/nar.ts";
+import { BoundedCache, type StoredPath } from "../cache/metadata.ts";
 import { formatNarInfo } from "../cache/narinfo.ts";
 import { isNixBase32 } from "../cache/nixbase32.ts";
 import type { SecretKey } from "../cache/signing.ts";
 import { isValidHashPart } from "../cache/store_path.ts";
+import { BuildLogs } from "../cache/build_logs.ts";
+import type { ChunkCompression } from "../cache/compression.ts";
+import type { SegmentConfig } from "../config.ts";
+import { hasToken } from "./auth.ts";
+import { ServeRecorder } from "./serve_recorder.ts";
+import { UploadReceiver } from "./uploads.ts";
 
 /** Options of {@link createHandler}. */
 export interface HandlerOptions {
@@ -37,10 +50,25 @@ export interface HandlerOptions {
   log?: (message: string) => void;
   /** Log every request, not only failures. */
   logRequests?: boolean;
+  /**
+   * Accept uploads (`nix copy --to`) from clients that send this token (HTTP Basic
+   * password or Bearer). Without it, every write is refused with 403.
+   */
+  upload?: { token: string; compression: ChunkCompression; segments: readonly SegmentConfig[] };
+  /** Require this token (or the upload token) for reads too. */
+  readToken?: string;
+  /** How often NAR downloads are written to the access times and the audit log (ms; 60 s). */
+  serveLogIntervalMs?: number;
 }
 
-/** A request handler as `Deno.serve` takes it. */
-export type Handler = (request: Request) => Promise<Response>;
+/**
+ * A request handler as `Deno.serve` takes it; `close()` writes pending serve records and
+ * discards staged uploads (call it when the server stops).
+ */
+export type Handler = ((request: Request) => Promise<Response>) & { close(): Promise<void> };
+
+/** Limits of the cache of narinfos as served: entries, bytes. */
+const SERVED_CACHE_LIMITS = { maxEntries: 8192, maxWeight: 16 * 1024 * 1024 };
 
 const MAX_PATH_LENGTH = 512;
 const SAFE_PATH = /^\/[A-Za-z0-9._+=\/-]*$/;
@@ -115,18 +143,41 @@ function rangeNotSatisfiable(size: number): HttpError {
 /** Builds the substituter's request handler. */
 export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   const cacheInfo = `StoreDir: /nix/store\nWantMassQuery: 1\nPriority: ${options.priority}\n`;
+  const logs = new BuildLogs(cache.cacheDir);
+  const recorder = new ServeRecorder(cache, { intervalMs: options.serveLogIntervalMs });
+  const uploads = options.upload
+    ? new UploadReceiver(cache, { ...options.upload, signingKey: options.signingKey })
+    : undefined;
+  const readTokens = [options.readToken, options.upload?.token].filter((t) => t !== undefined);
+
+  // Narinfos as served (signed on the fly when there is a signing key), by hash part, with
+  // the stored text they were made from and their length in bytes.
+  const served = new BoundedCache<string, { text: string; body: string; length: number }>(
+    SERVED_CACHE_LIMITS,
+  );
+
+  /** The narinfo as served: the stored text, or (with a signing key) that text signed. */
+  function narinfoBody(hashPart: string, stored: StoredPath): { body: string; length: number } {
+    const known = served.get(hashPart);
+    // The metadata store hands out the same string while the record is unchanged.
+    if (known !== undefined && known.text === stored.text) return known;
+    let body = stored.text;
+    if (options.signingKey !== undefined) {
+      const narInfo = { ...stored.record.narInfo, sigs: [...stored.record.narInfo.sigs] };
+      if (addSignature(narInfo, options.signingKey)) body = formatNarInfo(narInfo);
+    }
+    const entry = { text: stored.text, body, length: new TextEncoder().encode(body).length };
+    served.set(hashPart, entry, entry.length);
+    return entry;
+  }
 
   async function narinfo(hashPart: string, head: boolean): Promise<Response> {
-    const record = await cache.getPath(hashPart);
-    if (record === null) throw new HttpError(404, "No such path");
-    const narInfo = { ...record.narInfo, sigs: [...record.narInfo.sigs] };
-    if (options.signingKey) addSignature(narInfo, options.signingKey);
-    const body = new TextEncoder().encode(formatNarInfo(narInfo));
+    // The stored text is served as it is (it was checked when written and when read).
+    const stored = await cache.metadata.getStoredPath(hashPart);
+    if (stored === null) throw new HttpError(404, "No such path");
+    const { body, length } = narinfoBody(hashPart, stored);
     return new Response(head ? null : body, {
-      headers: {
-        "content-type": "text/x-nix-narinfo",
-        "content-length": String(body.length),
-      },
+      headers: { "content-type": "text/x-nix-narinfo", "content-length": String(length) },
     });
   }
 
@@ -147,12 +198,23 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     return found;
   }
 
-  async function nar(fileHash: string, extension: string, request: Request): Promise<Response> {
-    const found = await cache.findNar(fileHash);
-    if (found && narFileExtension(found.manifest.compression) !== extension) {
+  async function nar(fileName: string, request: Request): Promise<Response> {
+    const match = /^([^/.]+)\.(nar(?:\.[a-z0-9]+)?)$/.exec(fileName);
+    if (!match) throw new HttpError(404, "Not found");
+    if (!isNixBase32(match[1], 32)) throw new HttpError(400, "Malformed NAR file hash");
+    if (request.method === "HEAD" && uploads?.isStaged(fileName)) {
+      // `nix copy --to` asks whether its NAR is here before uploading it.
+      return new Response(null, {
+        status: 200,
+        headers: { "content-type": "application/x-nix-nar" },
+      });
+    }
+    const found = await cache.findNar(`sha256:${match[1]}`);
+    if (found && narFileExtension(found.manifest.compression) !== match[2]) {
       throw new HttpError(404, "No such NAR in that compression");
     }
-    const { manifest } = await storedNarOrThrow(found);
+    const { manifest, record } = await storedNarOrThrow(found);
+    if (request.method === "GET") recorder.record(record);
     const size = manifest.fileSize;
     const range = parseRange(request.headers.get("range"), size);
     const headers: Record<string, string> = {
@@ -181,11 +243,73 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     });
   }
 
+  async function buildLog(name: string, head: boolean): Promise<Response> {
+    const log = await logs.open(name);
+    if (log === null) throw new HttpError(404, "No such log");
+    const headers: Record<string, string> = {
+      "content-type": "text/plain; charset=utf-8",
+      "content-length": String(log.size),
+    };
+    if (log.encoding) headers["content-encoding"] = log.encoding;
+    if (head) log.file.close();
+    return new Response(head ? null : log.file.readable, { headers });
+  }
+
+  async function write(request: Request, path: string): Promise<Response> {
+    if (!uploads || !options.upload) {
+      await request.body?.cancel();
+      throw new HttpError(403, "Uploads are disabled (start serve with --upload-token-file)");
+    }
+    if (!hasToken(request, [options.upload.token])) {
+      await request.body?.cancel();
+      throw unauthorized();
+    }
+    const body = request.body ?? ReadableStream.from<Uint8Array>([]);
+    let match = /^\/nar\/([^/]+)$/.exec(path);
+    if (match) {
+      await uploads.putNar(match[1], body);
+      return new Response(null, { status: 204 });
+    }
+    match = /^\/([^/]+)\.narinfo$/.exec(path);
+    if (match) {
+      if (!isValidHashPart(match[1])) throw new HttpError(400, "Malformed store path hash");
+      await uploads.putNarInfo(match[1], body);
+      return new Response(null, { status: 204 });
+    }
+    match = /^\/log\/([^/]+)$/.exec(path);
+    if (match) {
+      await logs.put(match[1], body, request.headers.get("content-encoding") ?? undefined);
+      return new Response(null, { status: 204 });
+    }
+    await body.cancel();
+    if (path === "/nix-cache-info") return new Response(null, { status: 204 });
+    throw new HttpError(404, "Not found");
+  }
+
   async function route(request: Request): Promise<Response> {
     const path = rawRequestPath(request.url);
     checkPath(path);
+    if (request.method === "PUT") {
+      try {
+        return await write(request, path);
+      } catch (error) {
+        // Refusals of what the client sent: say why (the message is about its data).
+        if (
+          error instanceof FormatError || error instanceof IntegrityError ||
+          error instanceof SignatureError
+        ) {
+          await request.body?.cancel().catch(() => {});
+          throw new HttpError(400, error.message);
+        }
+        throw error;
+      }
+    }
     if (request.method !== "GET" && request.method !== "HEAD") {
+      await request.body?.cancel();
       throw new HttpError(405, "Method not allowed");
+    }
+    if (readTokens.length > 0 && options.readToken && !hasToken(request, readTokens)) {
+      throw unauthorized();
     }
     const head = request.method === "HEAD";
     if (path === "/nix-cache-info") {
@@ -203,15 +327,14 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       if (!isValidHashPart(match[1])) throw new HttpError(400, "Malformed store path hash");
       return await listing(match[1], head);
     }
-    match = /^\/nar\/([^/.]+)\.(nar(?:\.zst|\.xz)?)$/.exec(path);
-    if (match) {
-      if (!isNixBase32(match[1], 32)) throw new HttpError(400, "Malformed NAR file hash");
-      return await nar(`sha256:${match[1]}`, match[2], request);
-    }
+    match = /^\/nar\/([^/]+)$/.exec(path);
+    if (match) return await nar(match[1], request);
+    match = /^\/log\/([^/]+)$/.exec(path);
+    if (match) return await buildLog(match[1], head);
     throw new HttpError(404, "Not found");
   }
 
-  return async function handle(request: Request): Promise<Response> {
+  async function handle(request: Request): Promise<Response> {
     let response: Response;
     try {
       response = await route(request);
@@ -222,12 +345,25 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       options.log?.(`${request.method} ${rawRequestPath(request.url)} ${response.status}`);
     }
     return response;
-  };
+  }
+
+  return Object.assign(handle, {
+    async close() {
+      await recorder.close();
+      await uploads?.close();
+    },
+  });
+}
+
+function unauthorized(): HttpError {
+  return new HttpError(401, "Unauthorized", { "www-authenticate": 'Basic realm="pares-arca"' });
 }
 
 function errorResponse(error: unknown, log?: (message: string) => void): Response {
   if (error instanceof HttpError) {
-    const headers = error.status === 405 ? { allow: "GET, HEAD", ...error.headers } : error.headers;
+    const headers = error.status === 405
+      ? { allow: "GET, HEAD, PUT", ...error.headers }
+      : error.headers;
     return text(error.status, error.message + "\n", headers);
   }
   // Details of the cache's own errors (file names, stored text) stay in the log: a request

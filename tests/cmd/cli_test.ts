@@ -215,7 +215,11 @@ Deno.test("cli: global options before and after the subcommand; status --json", 
         "dedupRatio",
         "narBytes",
         "paths",
+        "segments",
         "storedBytes",
+      ]);
+      assert.deepEqual(status.segments, [
+        { name: "universal", filter: "all", swarm: false, paths: 0, narBytes: 0 },
       ]);
       assert.equal(status.cacheDir, cacheDir, show(args, result));
       assert.equal(status.backend, backend, show(args, result));
