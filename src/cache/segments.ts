@@ -2,8 +2,9 @@
  * Segments: named subsets of the cache, each shared with its own swarm topic. A path
  * belongs to the first configured segment whose filter matches it:
  *
- * - `nixpkgs`: the path carries a `cache.nixos.org-1` signature (it came from nixpkgs'
- *   official cache, so every team can share it);
+ * - `nixpkgs`: the path carries a VALID `cache.nixos.org-1` signature (checked against
+ *   that key: a signature line anyone can append proves nothing), i.e. it came from
+ *   nixpkgs' official cache, so every team can share it;
  * - `custom`: any other path (built here, or signed only by private keys);
  * - `all`: every path.
  *
@@ -14,16 +15,31 @@
 
 import type { SegmentConfig, SegmentFilter } from "../config.ts";
 import { UsageError } from "../errors.ts";
-import { signatureKeyName } from "./signing.ts";
+import type { NarInfo } from "./narinfo.ts";
+import { parsePublicKey, type PublicKey, verifyNarInfoSignatures } from "./signing.ts";
 
-/** The key name whose signature marks a path as coming from nixpkgs' official cache. */
-export const NIXPKGS_KEY_NAME = "cache.nixos.org-1";
+/** The public key of nixpkgs' official cache, cache.nixos.org. */
+export const NIXPKGS_PUBLIC_KEY: PublicKey = parsePublicKey(
+  "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
+);
 
-/** True when a path with these signatures passes `filter`. */
-export function matchesFilter(filter: SegmentFilter, sigs: readonly string[]): boolean {
+/** What a filter looks at: the signed fields of a path and its signatures. */
+export type SegmentSubject = Pick<NarInfo, "storePath" | "narHash" | "narSize" | "references" | "sigs">;
+
+/** True when the path carries a valid signature of cache.nixos.org. */
+export function signedByNixpkgs(subject: SegmentSubject): boolean {
+  if (subject.sigs.length === 0) return false;
+  try {
+    return verifyNarInfoSignatures({ ...subject, url: "", compression: "" }, [NIXPKGS_PUBLIC_KEY]);
+  } catch {
+    return false; // fields that do not even make a fingerprint
+  }
+}
+
+/** True when the path passes `filter`. */
+export function matchesFilter(filter: SegmentFilter, subject: SegmentSubject): boolean {
   if (filter === "all") return true;
-  const fromNixpkgs = sigs.some((sig) => signatureKeyName(sig) === NIXPKGS_KEY_NAME);
-  return filter === "nixpkgs" ? fromNixpkgs : !fromNixpkgs;
+  return filter === "nixpkgs" ? signedByNixpkgs(subject) : !signedByNixpkgs(subject);
 }
 
 /** The configured segment called `name`; UsageError naming the known ones otherwise. */
@@ -40,14 +56,18 @@ export function findSegment(segments: readonly SegmentConfig[], name: string): S
 }
 
 /**
- * The segment of a path with these signatures: `override` if given (it must exist), else
- * the first segment whose filter matches; undefined when none does.
+ * The segment of a path: `override` if given (it must exist), else the first segment whose
+ * filter matches; undefined when none does.
  */
 export function segmentFor(
   segments: readonly SegmentConfig[],
-  sigs: readonly string[],
+  subject: SegmentSubject,
   override?: string,
 ): string | undefined {
   if (override !== undefined) return findSegment(segments, override).name;
-  return segments.find((segment) => matchesFilter(segment.filter, sigs))?.name;
+  if (segments.every((segment) => segment.filter === "all")) return segments[0]?.name;
+  const fromNixpkgs = signedByNixpkgs(subject); // one verification for all the filters
+  return segments.find((segment) =>
+    segment.filter === "all" || (segment.filter === "nixpkgs") === fromNixpkgs
+  )?.name;
 }

@@ -29,7 +29,7 @@ export function segmentChooser(
   override?: string,
 ): (info: LocalPathInfo) => string | undefined {
   if (override !== undefined) findSegment(settings.segments, override);
-  return (info) => segmentFor(settings.segments, info.sigs, override);
+  return (info) => segmentFor(settings.segments, info, override);
 }
 
 /** Registers `import`. */

@@ -127,7 +127,7 @@ export class UploadReceiver {
           );
         }
       }
-      const segment = segmentFor(this.#options.segments, info.sigs);
+      const segment = segmentFor(this.#options.segments, info);
       const meta = {
         storePath: info.storePath,
         references: info.references,
