@@ -140,6 +140,24 @@ Deno.test({
         assert.deepEqual(info.references.sort(), source[i].references.sort(), info.path);
         assert.ok(info.signatures?.some((s) => s.startsWith("arca-upload-1:")), info.path);
       }
+      // Build logs: `nix store copy-log --to` uploads them, `nix log --store` reads them back.
+      const drv = (await runNix("nix-store", ["-q", "--deriver", fixtures.dep])).trim();
+      await runNix("nix", [
+        "store",
+        "copy-log",
+        "--to",
+        server.url,
+        "--option",
+        "netrc-file",
+        netrc,
+        drv,
+      ]);
+      const expected = await runNix("nix", ["log", drv]);
+      // By output path: Nix finds the deriver in the narinfo, then GETs /log/<drv>.
+      assert.equal(await runNix("nix", ["log", "--store", server.url, fixtures.dep]), expected);
+      const direct = await fetch(`${server.url}/log/${drv.slice("/nix/store/".length)}`);
+      assert.equal(direct.status, 200);
+      await direct.body?.cancel();
       // The owner's signatures came through the upload: Nix trusts them on their own.
       const store3 = `${home.dir}/store3`;
       await runNix("nix", [
