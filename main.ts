@@ -17,6 +17,7 @@ import { registerServe } from "./src/cmd/serve.ts";
 import { registerStatus } from "./src/cmd/status.ts";
 import { registerGc } from "./src/cmd/gc.ts";
 import { registerAudit } from "./src/cmd/audit.ts";
+import { registerSwarm } from "./src/cmd/swarm.ts";
 
 /** Builds the `arca` program with every finished subcommand registered. */
 export function buildProgram(): Command {
@@ -40,6 +41,7 @@ export function buildProgram(): Command {
   registerKeygen(program);
   registerGc(program);
   registerAudit(program);
+  registerSwarm(program);
   registerInstallHook(program);
   return program;
 }

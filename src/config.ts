@@ -23,6 +23,8 @@ export interface SegmentConfig {
   topicKey?: string;
   description?: string;
   filter: SegmentFilter;
+  /** Keys (`name:base64`) whose signatures make a peer's record acceptable in this segment. */
+  trustedPublicKeys?: string[];
 }
 
 /** Settings a config file may hold (snake_case as in the file). */
@@ -35,6 +37,8 @@ export interface FileConfig {
   priority?: number;
   upload_token_file?: string;
   read_token_file?: string;
+  static_peers?: string[];
+  trusted_public_keys?: string[];
   segments?: SegmentConfig[];
 }
 
@@ -56,6 +60,10 @@ export interface Settings {
   readTokenFile?: string;
   /** The segments, in order: the first whose filter matches a path gets it. */
   segments: SegmentConfig[];
+  /** Swarm peers to announce to by unicast (`host:discovery-port`). */
+  staticPeers: string[];
+  /** Keys trusted for swarm records in every segment. */
+  trustedPublicKeys: string[];
 }
 
 /** Values given on the command line; undefined means "not given". */
@@ -74,7 +82,7 @@ export interface FlagSettings {
 /** Where the environment is read from; tests pass their own. */
 export type Environment = Record<string, string | undefined>;
 
-const KEY_TYPES: Record<Exclude<keyof FileConfig, "segments">, "string" | "integer"> = {
+const KEY_TYPES: Record<Exclude<keyof FileConfig, "segments">, "string" | "integer" | "strings"> = {
   cache_dir: "string",
   backend: "string",
   compression: "string",
@@ -83,6 +91,8 @@ const KEY_TYPES: Record<Exclude<keyof FileConfig, "segments">, "string" | "integ
   priority: "integer",
   upload_token_file: "string",
   read_token_file: "string",
+  static_peers: "strings",
+  trusted_public_keys: "strings",
 };
 
 /** The segment every default configuration has: all paths, shared under its topic key. */
@@ -95,7 +105,7 @@ export const UNIVERSAL_SEGMENT: SegmentConfig = Object.freeze({
 /** Segment names: a letter or digit, then up to 63 letters, digits, `.`, `_` or `-`. */
 export const SEGMENT_NAME_RE: RegExp = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
-const SEGMENT_KEYS = ["name", "topic_key", "description", "filter"];
+const SEGMENT_KEYS = ["name", "topic_key", "description", "filter", "trusted_public_keys"];
 const SEGMENT_FILTERS: SegmentFilter[] = ["nixpkgs", "custom", "all"];
 
 /** Default bind address of the substituter. */
@@ -161,6 +171,11 @@ export function defaultConfigText(env: Environment): string {
 # description = "every path this cache holds"
 # filter = "all"
 # topic_key = "<64 hex digits from arca keygen>"
+# trusted_public_keys = ["my-cache-1:…"]   # records signed by these keys are accepted from peers
+
+# Swarm: peers to reach by unicast (host:discovery-port), and keys trusted in every segment.
+# static_peers = ["build1.example:7070"]
+# trusted_public_keys = ["my-cache-1:…"]
 `;
 }
 
@@ -208,6 +223,13 @@ export function parseConfigText(text: string, path: string): FileConfig {
     }
     if (expected === "integer" && (typeof value !== "number" || !Number.isSafeInteger(value))) {
       throw new ConfigError(`Invalid ${where}: '${key}' must be an integer`);
+    }
+    if (expected === "strings") {
+      if (!Array.isArray(value) || value.some((item) => typeof item !== "string")) {
+        throw new ConfigError(`Invalid ${where}: '${key}' must be a list of strings`);
+      }
+      (config as Record<string, unknown>)[key] = value;
+      continue;
     }
     try {
       validateSetting(configKey, value as string | number);
@@ -286,6 +308,9 @@ function parseSegments(value: unknown, text: string, path: string): SegmentConfi
     const segment: SegmentConfig = { name, filter };
     if (topicKey !== undefined) segment.topicKey = topicKey;
     if (entries.description !== undefined) segment.description = entries.description as string;
+    if (entries.trusted_public_keys !== undefined) {
+      segment.trustedPublicKeys = entries.trusted_public_keys as string[];
+    }
     return segment;
   });
 }
@@ -399,6 +424,8 @@ export async function loadSettings(
     uploadTokenFile: uploadTokenFile === undefined ? undefined : expandHome(uploadTokenFile, env),
     readTokenFile: readTokenFile === undefined ? undefined : expandHome(readTokenFile, env),
     segments: file.segments ?? [{ ...UNIVERSAL_SEGMENT }],
+    staticPeers: file.static_peers ?? [],
+    trustedPublicKeys: file.trusted_public_keys ?? [],
   };
 }
 

@@ -98,6 +98,8 @@ Deno.test("config: first run writes the commented default file, which parses to 
       uploadTokenFile: undefined,
       readTokenFile: undefined,
       segments: [{ name: "universal", description: "every path this cache holds", filter: "all" }],
+      staticPeers: [],
+      trustedPublicKeys: [],
     });
   });
 });

@@ -5,7 +5,29 @@
  */
 
 import type { Command } from "commander";
+import { join } from "node:path";
+import { RemoteRecords } from "../cache/remote_records.ts";
+import type { SwarmStatus } from "../net/swarm.ts";
 import { formatBytes, openCache, settingsOf } from "./common.ts";
+
+/** The number of records known from peers. */
+async function countRemote(cacheDir: string): Promise<number> {
+  let count = 0;
+  for await (const _ of new RemoteRecords(cacheDir).list()) count++;
+  return count;
+}
+
+/** The running swarm's status file, or null when no swarm runs (or it died). */
+async function readSwarmStatus(cacheDir: string): Promise<SwarmStatus | null> {
+  try {
+    const status = JSON.parse(
+      await Deno.readTextFile(join(cacheDir, "swarm-status.json")),
+    ) as SwarmStatus;
+    return Date.now() - status.updatedAt < 10_000 ? status : null;
+  } catch {
+    return null;
+  }
+}
 
 /** Registers `status`. */
 export function registerStatus(program: Command): void {
@@ -25,12 +47,19 @@ export function registerStatus(program: Command): void {
           ...(stats.segments[segment.name] ?? { paths: 0, narBytes: 0 }),
         }));
         const unassigned = stats.segments[""];
+        const remoteRecords = await countRemote(settings.cacheDir);
+        const swarm = await readSwarmStatus(settings.cacheDir);
         const status = {
           cacheDir: settings.cacheDir,
           backend: settings.backend,
           ...stats,
           segments,
           ...(unassigned ? { pathsWithoutSegment: unassigned.paths } : {}),
+          remoteRecords,
+          swarm,
+          peers: swarm?.segments.flatMap((segment) =>
+            segment.peers.map((peer) => ({ segment: segment.name, ...peer }))
+          ) ?? [],
         };
         if (flags.json) {
           console.log(JSON.stringify(status, null, 2));
@@ -51,7 +80,25 @@ export function registerStatus(program: Command): void {
             }): ${segment.paths} paths, ${formatBytes(segment.narBytes)}`,
           );
         }
-        if (unassigned) console.log(`  (no segment): ${unassigned.paths} paths`);
+        if (unassigned) {
+          console.log(`  (no segment): ${unassigned.paths} paths`);
+        }
+        console.log(`remote records: ${remoteRecords}`);
+        if (swarm === null) {
+          console.log("swarm:        not running");
+          return;
+        }
+        console.log(`swarm:        node ${swarm.nodeId.slice(0, 16)} (pid ${swarm.pid})`);
+        for (const segment of swarm.segments) {
+          console.log(`  ${segment.name}: ${segment.peers.length} peer(s)`);
+          for (const peer of segment.peers) {
+            console.log(
+              `    ${peer.id.slice(0, 16)} ${peer.address ?? "?"}:${peer.syncPort ?? "?"} ${
+                peer.connected ? "connected" : "disconnected"
+              }, last seen ${peer.lastSeen}, records sent ${peer.recordsSent}, received ${peer.recordsReceived} (${peer.recordsAccepted} accepted)`,
+            );
+          }
+        }
       } finally {
         cache.close();
       }

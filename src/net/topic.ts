@@ -6,6 +6,9 @@
  *
  * - `psk`: the Noise XXpsk3 pre-shared key (only topic holders complete a handshake);
  * - `beaconKey`: the key of the discovery beacons' MAC (rotating per time window);
+ * - `syncHintKey`: the key of the hint a connecting peer sends before its Noise handshake,
+ *   so a node with several topics on one sync port knows which PSK to use (the hint is an
+ *   HMAC of a fresh random nonce: it links nothing across connections);
  * - `segmentTag`: a local, never-transmitted label for logs and storage keys.
  * @module
  */
@@ -17,6 +20,7 @@ import { FormatError } from "../errors.ts";
 export interface TopicKeys {
   psk: Uint8Array;
   beaconKey: Uint8Array;
+  syncHintKey: Uint8Array;
   segmentTag: Uint8Array;
 }
 
@@ -43,6 +47,7 @@ export function deriveTopicKeys(topic: string): TopicKeys {
   return {
     psk: derive(secret, "noise psk"),
     beaconKey: derive(secret, "discovery beacon mac"),
+    syncHintKey: derive(secret, "sync connection hint"),
     segmentTag: derive(secret, "segment tag"),
   };
 }
