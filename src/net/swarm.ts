@@ -502,13 +502,14 @@ export class Swarm {
     return existing === null;
   }
 
-  async #reconcileAll(): Promise<void> {
+  #reconcileAll(): Promise<void> {
     for (const peer of this.#peers.values()) {
       const session = peer.session;
       if (session?.initiator) {
         this.#track(session.startRound().catch(() => session.channel.close()));
       }
     }
+    return Promise.resolve();
   }
 
   async #auditSize(): Promise<number> {
