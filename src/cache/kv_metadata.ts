@@ -23,18 +23,35 @@
  * versionstamp of the record they read (optimistic concurrency: a conflicting writer makes
  * them read again), so the record, its parts and its index entry change together. Every KV
  * call goes through {@link withRetry} (SQLite's `database is locked` under contention).
+ *
+ * Reads are cached in process. A Deno KV read is a round trip to KV's SQLite thread (~40–100
+ * µs), more than the rest of serving a narinfo, so a store keeps the records it read, with
+ * their versionstamps, and trusts them without asking KV while nothing changed. "Nothing
+ * changed" is the file `<kv file>.changes` (e.g. `db/arca.kv.changes`): 16 random bytes
+ * that every `putPath` and `deletePath` rewrites in place after its commit, and that a read
+ * compares with what it saw last (one `pread` on a file kept open, ~1 µs). When they
+ * differ, every cached record is checked again on its next read: a `kv.get` of the head,
+ * whose versionstamp either matches (kept, no parse) or not (read and parsed again). A
+ * record another process committed is therefore seen by every read that starts after that
+ * process's `putPath`/`deletePath` returned, whether it added, replaced or deleted it.
+ * Records are also checked at least every {@link KV_TRUST_MS} ms, so that a writer that
+ * died between its commit and its rewrite of the change file is noticed anyway. Misses
+ * (no record) are never cached.
  * @module
  */
 
 import { dirname } from "node:path";
 import { ArcaError, FormatError } from "../errors.ts";
 import {
+  BoundedCache,
   checkHashPart,
   fileHashKey,
+  freezeRecord,
   type MetadataStore,
   type PathRecord,
   preparePathRecord,
   readStoredRecord,
+  type StoredPath,
 } from "./metadata.ts";
 import { isValidHashPart } from "./store_path.ts";
 import { type RetryOptions, withRetry } from "./retry.ts";
@@ -44,6 +61,15 @@ export const KV_MAX_NARINFO_BYTES = 720_000;
 
 /** Default records per `kv.list` batch of `listPaths`. */
 export const DEFAULT_KV_LIST_BATCH_SIZE = 500;
+
+/**
+ * Longest time (ms) a cached record is served without asking Deno KV, even when the change
+ * file says nothing changed.
+ */
+export const KV_TRUST_MS = 5000;
+
+/** Suffix of the change file next to the KV file (see the module comment). */
+export const KV_CHANGES_SUFFIX = ".changes";
 
 /** Options of {@link openKvMetadata}. */
 export interface KvMetadataOptions {
@@ -59,6 +85,9 @@ const PART_BYTES = 60_000;
 const MAX_PARTS = KV_MAX_NARINFO_BYTES / PART_BYTES;
 const MAX_COMMIT_ROUNDS = 1000;
 const NOT_LATIN1_RE = /[\u0100-\uffff]/; // any UTF-16 code unit above Latin-1
+const TOKEN_BYTES = 16;
+/** Limits of the in-process record cache: entries, and characters of narinfo text. */
+const CACHE_LIMITS = { maxEntries: 8192, maxWeight: 16 * 1024 * 1024 };
 
 interface Head {
   narinfo: string;
@@ -69,6 +98,16 @@ interface Head {
 }
 
 type Entry = Deno.KvEntry<unknown>;
+
+/** A record in the in-process cache. */
+interface CachedRecord {
+  stored: StoredPath;
+  versionstamp: string;
+  /** The change generation (see #generation) in which it was last found current. */
+  generation: number;
+  /** When it was last found current (performance.now()). */
+  checkedAt: number;
+}
 
 /**
  * Opens (creating it and its directory) the KV metadata store in the file `path`, e.g.
@@ -84,7 +123,35 @@ export async function openKvMetadata(
   }
   await Deno.mkdir(dirname(path), { recursive: true });
   const kv = await withRetry(() => Deno.openKv(path), options.retry);
-  return new KvMetadataStore(kv, batchSize, options.retry ?? {});
+  return new KvMetadataStore(kv, batchSize, options.retry ?? {}, openChanges(path));
+}
+
+/**
+ * Opens (creating it) the change file of the KV file `path`; read-only when it cannot be
+ * written; null when it cannot be opened at all (then no read is ever served from cache).
+ */
+function openChanges(path: string): Deno.FsFile | null {
+  const changes = path + KV_CHANGES_SUFFIX;
+  try {
+    const file = Deno.openSync(changes, { read: true, write: true, create: true });
+    try {
+      // Whoever may write the KV file must be able to announce changes: same permissions.
+      const kvMode = Deno.statSync(path).mode;
+      const mode = file.statSync().mode;
+      if (kvMode !== null && mode !== null && (kvMode & 0o666) !== (mode & 0o666)) {
+        Deno.chmodSync(changes, kvMode & 0o666);
+      }
+    } catch {
+      // Not ours to change: the owner's permissions stay.
+    }
+    return file;
+  } catch {
+    try {
+      return Deno.openSync(changes, { read: true });
+    } catch {
+      return null;
+    }
+  }
 }
 
 class KvMetadataStore implements MetadataStore {
@@ -92,27 +159,93 @@ class KvMetadataStore implements MetadataStore {
   #batchSize: number;
   #retry: RetryOptions;
   #closed = false;
+  /** The change file, kept open (null: unavailable, nothing is trusted from cache). */
+  #changes: Deno.FsFile | null;
+  /** The change file's content when last read, and a buffer to read it into. */
+  #token = new Uint8Array(TOKEN_BYTES);
+  #readBuffer = new Uint8Array(TOKEN_BYTES);
+  /** Counts the changes of the change file this store has seen. */
+  #generation = 0;
+  #records = new BoundedCache<string, CachedRecord>(CACHE_LIMITS);
+  /** FileHash index lookups: nix32 FileHash → hash part (checked against the record). */
+  #fileHashes = new BoundedCache<string, string>(CACHE_LIMITS);
 
-  constructor(kv: Deno.Kv, batchSize: number, retry: RetryOptions) {
+  constructor(
+    kv: Deno.Kv,
+    batchSize: number,
+    retry: RetryOptions,
+    changes: Deno.FsFile | null,
+  ) {
     this.#kv = kv;
     this.#batchSize = batchSize;
     this.#retry = retry;
+    this.#changes = changes;
   }
 
   async getPath(hashPart: string): Promise<PathRecord | null> {
+    return (await this.getStoredPath(hashPart))?.record ?? null;
+  }
+
+  async getStoredPath(hashPart: string): Promise<StoredPath | null> {
     this.#checkOpen();
     checkHashPart(hashPart);
-    const entries = await this.#readEntries(hashPart);
-    const whole = assemble(hashPart, entries);
-    if (whole === "inconsistent") {
-      throw new FormatError(`Corrupt metadata record ${hashPart}: parts missing or mismatched`);
+    // The generation is read BEFORE Deno KV: what KV gives afterwards is at least as new.
+    const generation = this.#currentGeneration();
+    const now = performance.now();
+    const cached = this.#records.get(hashPart);
+    if (
+      cached !== undefined && generation >= 0 && cached.generation === generation &&
+      now - cached.checkedAt < KV_TRUST_MS
+    ) {
+      return cached.stored;
     }
-    return whole && whole.record;
+    const head = await this.#call(() => this.#kv.get([PATH, hashPart]));
+    if (head.versionstamp === null) {
+      this.#records.delete(hashPart);
+      return null;
+    }
+    if (cached !== undefined && cached.versionstamp === head.versionstamp) {
+      cached.generation = generation;
+      cached.checkedAt = now;
+      return cached.stored;
+    }
+    let entries: Entry[] = [head];
+    let whole = assemble(hashPart, entries);
+    if (whole === "inconsistent") {
+      // Split over parts: read head and parts again, in one snapshot.
+      entries = await this.#readEntries(hashPart);
+      whole = assemble(hashPart, entries);
+      if (whole === "inconsistent") {
+        throw new FormatError(`Corrupt metadata record ${hashPart}: parts missing or mismatched`);
+      }
+    }
+    if (whole === null) {
+      this.#records.delete(hashPart);
+      return null;
+    }
+    const stored: StoredPath = Object.freeze({
+      record: freezeRecord(whole.record),
+      text: whole.text,
+    });
+    this.#records.set(hashPart, {
+      stored,
+      versionstamp: entries[0].versionstamp,
+      generation,
+      checkedAt: now,
+    }, whole.text.length);
+    return stored;
   }
 
   async findByFileHash(fileHash: string): Promise<string | null> {
     this.#checkOpen();
     const key = fileHashKey(fileHash);
+    const known = this.#fileHashes.get(key);
+    if (known !== undefined) {
+      // Still right if that path's (current) record has this FileHash.
+      const stored = await this.getStoredPath(known);
+      if (stored?.record.narInfo.fileHash === `sha256:${key}`) return known;
+      this.#fileHashes.delete(key);
+    }
     const entry = await this.#call(async () => {
       for await (const e of this.#kv.list({ prefix: [FILE_HASH, key] }, { limit: 1 })) return e;
       return null;
@@ -122,6 +255,7 @@ class KvMetadataStore implements MetadataStore {
     if (typeof hashPart !== "string" || !isValidHashPart(hashPart)) {
       throw new FormatError(`Corrupt metadata index entry for FileHash sha256:${key}`);
     }
+    this.#fileHashes.set(key, hashPart);
     return hashPart;
   }
 
@@ -154,7 +288,10 @@ class KvMetadataStore implements MetadataStore {
         if (newIndex !== undefined) op.set([FILE_HASH, newIndex, hashPart], hashPart);
         return op.commit();
       });
-      if (result.ok) return;
+      if (result.ok) {
+        this.#announceChange(hashPart);
+        return;
+      }
     }
     throw conflict("store", record.narInfo.storePath);
   }
@@ -177,7 +314,10 @@ class KvMetadataStore implements MetadataStore {
         if (current.fileHash !== undefined) op.delete([FILE_HASH, current.fileHash, hashPart]);
         return op.commit();
       });
-      if (result.ok) return current.versionstamp !== null;
+      if (result.ok) {
+        this.#announceChange(hashPart);
+        return current.versionstamp !== null;
+      }
     }
     throw conflict("delete", hashPart);
   }
@@ -216,6 +356,54 @@ class KvMetadataStore implements MetadataStore {
     if (this.#closed) return;
     this.#closed = true;
     this.#kv.close();
+    this.#changes?.close();
+    this.#changes = null;
+    this.#records.clear();
+    this.#fileHashes.clear();
+  }
+
+  /**
+   * The change generation now: reads the change file and counts one more generation when
+   * it differs from what this store saw last. -1 when there is no change file.
+   */
+  #currentGeneration(): number {
+    const file = this.#changes;
+    if (file === null) return -1;
+    const bytes = this.#readBuffer;
+    bytes.fill(0);
+    try {
+      file.seekSync(0, Deno.SeekMode.Start);
+      file.readSync(bytes);
+    } catch {
+      return -1;
+    }
+    const token = this.#token;
+    for (let i = 0; i < TOKEN_BYTES; i++) {
+      if (bytes[i] !== token[i]) {
+        token.set(bytes);
+        return ++this.#generation;
+      }
+    }
+    return this.#generation;
+  }
+
+  /**
+   * After a commit: rewrites the change file with new random bytes, so that every store on
+   * this KV file (other processes' included) checks its cached records again.
+   */
+  #announceChange(hashPart: string): void {
+    this.#records.delete(hashPart);
+    const file = this.#changes;
+    if (file === null) return;
+    const token = crypto.getRandomValues(new Uint8Array(TOKEN_BYTES));
+    try {
+      file.seekSync(0, Deno.SeekMode.Start);
+      let written = 0;
+      while (written < token.length) written += file.writeSync(token.subarray(written));
+    } catch {
+      // Read-only change file (a reader without write access cannot commit either) or a
+      // failing disk: other stores notice within KV_TRUST_MS.
+    }
   }
 
   /** A record from listed entries; read again when a batch boundary split a changing one. */
@@ -225,7 +413,8 @@ class KvMetadataStore implements MetadataStore {
     checkStoredHashPart(hashPart);
     const whole = assemble(hashPart, entries);
     if (whole !== "inconsistent") return whole && whole.record;
-    return await this.getPath(hashPart);
+    const stored = await this.getStoredPath(hashPart);
+    return stored && structuredClone(stored.record);
   }
 
   /** The head and parts of one record, read in one snapshot. */
@@ -262,13 +451,13 @@ function currentState(
 }
 
 /**
- * The record in `entries` (head first, then parts 1…n-1 in order), null when there is no
- * head, or "inconsistent" when parts are missing or from another commit.
+ * The record in `entries` (head first, then parts 1…n-1 in order) and its text, null when
+ * there is no head, or "inconsistent" when parts are missing or from another commit.
  */
 function assemble(
   hashPart: string,
   entries: Entry[],
-): { record: PathRecord } | null | "inconsistent" {
+): { record: PathRecord; text: string } | null | "inconsistent" {
   const [first, ...rest] = entries;
   if (first === undefined || first.key.length !== 2) return null;
   const head = first.value as Partial<Head> | null;
@@ -292,7 +481,8 @@ function assemble(
     text += part.value;
   }
   const segment = typeof head.segment === "string" ? head.segment : undefined;
-  return { record: readStoredRecord(hashPart, { text, registeredAt: head.registeredAt, segment }) };
+  const record = readStoredRecord(hashPart, { text, registeredAt: head.registeredAt, segment });
+  return { record, text };
 }
 
 /** Splits narinfo text into KV values of at most {@link PART_BYTES} serialized bytes. */

@@ -16,6 +16,14 @@
  * Several store paths may share one FileHash (identical NARs under different names), so
  * the index maps a FileHash to a set of paths; {@link MetadataStore.findByFileHash} returns
  * one of them, and deleting one path leaves the others findable.
+ *
+ * Reads are served from a small in-process cache of parsed records ({@link BoundedCache}),
+ * checked against the store on every read by something much cheaper than reading the
+ * record: a change token file the KV backend's writers rewrite after each commit, the
+ * narinfo file's stat for the filesystem backend. So several processes share a cache
+ * with no stale reads: a record another process stored or deleted is seen by the next
+ * read after its `putPath`/`deletePath` returned. Records a read returns are shared and
+ * frozen ({@link freezeRecord}): copy them to change them.
  * @module
  */
 
@@ -49,10 +57,30 @@ export interface PathRecord {
   segment?: string;
 }
 
+/** A record as stored: parsed, and the narinfo text it was stored as. */
+export interface StoredPath {
+  /** The record (frozen: shared between readers). */
+  record: PathRecord;
+  /**
+   * The stored narinfo text, exactly as {@link formatNarInfo} wrote it when the record was
+   * stored (so it is what a substituter serves, unless it adds a signature), and checked
+   * by {@link parseNarInfo} when it was read.
+   */
+  text: string;
+}
+
 /** Storage of {@link PathRecord}s, one per store path, keyed by hash part. */
 export interface MetadataStore {
-  /** The record of the path with this hash part, or null. FormatError for an invalid hash part. */
+  /**
+   * The record of the path with this hash part, or null. FormatError for an invalid hash
+   * part. The record is frozen (shared with other readers).
+   */
   getPath(hashPart: string): Promise<PathRecord | null>;
+  /**
+   * The record of the path with this hash part and its stored narinfo text, or null; as
+   * fresh as {@link MetadataStore.getPath}. FormatError for an invalid hash part.
+   */
+  getStoredPath(hashPart: string): Promise<StoredPath | null>;
   /**
    * The hash part of a path whose record has this FileHash (`sha256:<nix32>`; any SHA-256
    * form {@link normalizeNixHash} accepts), or null. When several paths share the FileHash,
@@ -223,6 +251,83 @@ export function readStoredRecord(
     record.segment = stored.segment;
   }
   return record;
+}
+
+/**
+ * Freezes a record, its narinfo and the narinfo's arrays, so that a record shared by an
+ * in-process cache cannot be changed by one of its readers. Returns `record`.
+ */
+export function freezeRecord(record: PathRecord): PathRecord {
+  Object.freeze(record.narInfo.references);
+  Object.freeze(record.narInfo.sigs);
+  Object.freeze(record.narInfo);
+  return Object.freeze(record);
+}
+
+/** Limits of a {@link BoundedCache}. */
+export interface BoundedCacheOptions {
+  /** Most entries kept. */
+  maxEntries: number;
+  /** Most total weight kept (e.g. bytes of text); an entry heavier than this is not kept. */
+  maxWeight: number;
+}
+
+/**
+ * A map that forgets its least recently used entries beyond a number of entries and a
+ * total weight; for the in-process read caches of the metadata backends and the cache.
+ */
+export class BoundedCache<K, V> {
+  #entries = new Map<K, { value: V; weight: number }>();
+  #weight = 0;
+  #maxEntries: number;
+  #maxWeight: number;
+
+  /** An empty cache with these limits. */
+  constructor(options: BoundedCacheOptions) {
+    this.#maxEntries = options.maxEntries;
+    this.#maxWeight = options.maxWeight;
+  }
+
+  /** Number of entries. */
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  /** The value of `key`, made the most recently used; undefined when absent. */
+  get(key: K): V | undefined {
+    const entry = this.#entries.get(key);
+    if (entry === undefined) return undefined;
+    this.#entries.delete(key);
+    this.#entries.set(key, entry);
+    return entry.value;
+  }
+
+  /** Sets `key` (most recently used), then forgets the least recently used over the limits. */
+  set(key: K, value: V, weight = 1): void {
+    this.delete(key);
+    if (weight > this.#maxWeight) return;
+    this.#entries.set(key, { value, weight });
+    this.#weight += weight;
+    for (const [oldest, entry] of this.#entries) {
+      if (this.#entries.size <= this.#maxEntries && this.#weight <= this.#maxWeight) break;
+      this.#entries.delete(oldest);
+      this.#weight -= entry.weight;
+    }
+  }
+
+  /** Forgets `key`. */
+  delete(key: K): void {
+    const entry = this.#entries.get(key);
+    if (entry === undefined) return;
+    this.#entries.delete(key);
+    this.#weight -= entry.weight;
+  }
+
+  /** Forgets everything. */
+  clear(): void {
+    this.#entries.clear();
+    this.#weight = 0;
+  }
 }
 
 function shorten(text: string): string {
