@@ -18,6 +18,7 @@ import { registerStatus } from "./src/cmd/status.ts";
 import { registerGc } from "./src/cmd/gc.ts";
 import { registerAudit } from "./src/cmd/audit.ts";
 import { registerSwarm } from "./src/cmd/swarm.ts";
+import { registerPin } from "./src/cmd/pin.ts";
 
 /** Builds the `arca` program with every finished subcommand registered. */
 export function buildProgram(): Command {
@@ -42,6 +43,7 @@ export function buildProgram(): Command {
   registerGc(program);
   registerAudit(program);
   registerSwarm(program);
+  registerPin(program);
   registerInstallHook(program);
   return program;
 }

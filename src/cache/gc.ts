@@ -26,6 +26,7 @@ import { parseNixHash } from "./hash.ts";
 import type { Manifest } from "./manifest.ts";
 import type { PathRecord } from "./metadata.ts";
 import { decodeNixBase32 } from "./nixbase32.ts";
+import { Pins } from "./pins.ts";
 import { parseStorePath, parseStorePathBaseName } from "./store_path.ts";
 
 /** Limits and mode of a collection. */
@@ -38,7 +39,7 @@ export interface GcOptions {
   dryRun?: boolean;
   /** The current time (ms); default now. */
   now?: number;
-  /** Paths never evicted, with their closures (hash parts). */
+  /** Paths never evicted, with their closures (hash parts), besides the pinned ones. */
   keep?: ReadonlySet<string>;
   /** Staged uploads and temporary files younger than this are kept (ms; default 1 hour). */
   graceMs?: number;
@@ -95,7 +96,8 @@ export async function collectGarbage(cache: Cache, options: GcOptions): Promise<
   }
   for (const node of nodes.values()) liveBytes += addRefs(node.manifestKey, 1);
 
-  const keep = closureOf(nodes, options.keep ?? new Set());
+  const pinned = await new Pins(cache.cacheDir).all();
+  const keep = closureOf(nodes, new Set([...pinned, ...(options.keep ?? [])]));
   const heap = new MinHeap<Node>((a, b) => a.lastUsed - b.lastUsed || (a.hash < b.hash ? -1 : 1));
   for (const node of nodes.values()) {
     if (node.referrers === 0 && !keep.has(node.hash)) heap.push(node);

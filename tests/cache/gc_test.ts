@@ -6,6 +6,7 @@
 
 import assert from "node:assert/strict";
 import { collectGarbage } from "../../src/cache/gc.ts";
+import { Pins } from "../../src/cache/pins.ts";
 import { encodeNar } from "../../src/cache/nar.ts";
 import {
   fakeStorePath,
@@ -181,4 +182,23 @@ Deno.test("gc: a second run after an interrupted one finishes the sweep", async 
   await assertConsistent(cache);
   const stats = await cache.stats();
   assert.equal(stats.storedBytes, report.liveBytes);
+});
+
+Deno.test("gc: `arca pin` pins survive with their closures until unpinned", async () => {
+  await using fixture = await makeCacheFixture();
+  const { cache } = fixture;
+  const pins = new Pins(cache.cacheDir);
+  const dep = await add(cache, "pin-dep", 10_000);
+  const top = await add(cache, "pin-top", 10_000, [dep]);
+  const loose = await add(cache, "pin-loose", 10_000);
+  assert.equal(await pins.add(hashPartOf(top)), true);
+  assert.equal(await pins.add(hashPartOf(top)), false);
+  const first = await collectGarbage(cache, { maxSizeBytes: 0 });
+  assert.deepEqual(first.evicted.map((e) => e.storePath), [loose]);
+  assert.deepEqual(await listed(cache), [dep, top].sort());
+  assert.equal(await pins.remove(hashPartOf(top)), true);
+  const second = await collectGarbage(cache, { maxSizeBytes: 0 });
+  assert.deepEqual(second.evicted.map((e) => e.storePath), [top, dep]);
+  assert.deepEqual(await listed(cache), []);
+  assert.equal((await cache.stats()).chunks, 0);
 });
