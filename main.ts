@@ -19,6 +19,7 @@ import { registerGc } from "./src/cmd/gc.ts";
 import { registerAudit } from "./src/cmd/audit.ts";
 import { registerSwarm } from "./src/cmd/swarm.ts";
 import { registerPin } from "./src/cmd/pin.ts";
+import { registerVerify } from "./src/cmd/verify.ts";
 
 /** Builds the `arca` program with every finished subcommand registered. */
 export function buildProgram(): Command {
@@ -44,6 +45,7 @@ export function buildProgram(): Command {
   registerAudit(program);
   registerSwarm(program);
   registerPin(program);
+  registerVerify(program);
   registerInstallHook(program);
   return program;
 }
