@@ -3,7 +3,10 @@
  * directories under `.bench-tmp/`, the daemon-less Nix environment of DESIGN.md §5,
  * running and timing subprocesses (with peak RSS from `/usr/bin/time -v`, or by polling
  * `/proc/<pid>/status` VmHWM when that is missing), the deterministic 1 GiB mixed-content
- * store path of DESIGN.md §8, free ports, HTTP readiness, medians and Markdown tables.
+ * store path of DESIGN.md §8, free ports, HTTP readiness, medians and Markdown tables;
+ * long-running servers (nginx, also as a WebDAV upload target, and `arca serve`) with
+ * their request times, peak RSS and CPU seconds from `/proc`, and summaries of V8 CPU
+ * profiles (`deno run --cpu-prof`).
  *
  * Benchmarks are not tests: they print tables and never assert timings. Everything big
  * they make lives in a scratch directory that the caller removes at the end.
@@ -197,10 +200,15 @@ export async function run(cmd: string, args: string[], options: RunOptions = {})
 
 /**
  * Arguments that run `arca` (`deno run -A main.ts`) with the given arguments; `main` names
- * another checkout's main.ts (its deno.json is found next to it).
+ * another checkout's main.ts (its deno.json is found next to it); `denoFlags` go to
+ * `deno run` (e.g. `--cpu-prof`).
  */
-export function arcaArgs(args: string[], main: string = MAIN_TS): string[] {
-  return ["run", "-A", main, ...args];
+export function arcaArgs(
+  args: string[],
+  main: string = MAIN_TS,
+  denoFlags: string[] = [],
+): string[] {
+  return ["run", "-A", ...denoFlags, main, ...args];
 }
 
 /** The main.ts a `--main` flag names (default this checkout's), made absolute and checked. */
@@ -298,14 +306,21 @@ export function freePort(): number {
   return port;
 }
 
-/** Waits until `url` answers 200 (polling every 50 ms), or throws after `timeoutMs`. */
-export async function waitForHttp(url: string, timeoutMs = 30_000): Promise<void> {
+/**
+ * Waits until `url` answers 200 (polling every 50 ms), or throws after `timeoutMs`; with
+ * `anyStatus`, any HTTP answer will do (a server whose root is still empty).
+ */
+export async function waitForHttp(
+  url: string,
+  timeoutMs = 30_000,
+  options: { anyStatus?: boolean } = {},
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     try {
       const response = await fetch(url);
       await response.body?.cancel();
-      if (response.ok) return;
+      if (response.ok || options.anyStatus) return;
     } catch {
       // Not listening yet.
     }
@@ -531,4 +546,431 @@ export function parseFlags<T extends Record<string, string | number | boolean>>(
     }
   }
   return out as T;
+}
+
+// ---------------------------------------------------------------------------------------
+// Long-running servers: nginx and `arca serve`, with their requests and resource use.
+
+/** A request a benchmark server finished. */
+export interface RequestRecord {
+  method: string;
+  /** The request path (with query). */
+  path: string;
+  status: number;
+  /** When the server logged it, in ms since the epoch (nginx: at the end of the request). */
+  endMs: number;
+  /** How long the server took, when it says (nginx `$request_time`). */
+  seconds?: number;
+}
+
+/** CPU seconds and peak RSS of a process (with its descendants), read from `/proc`. */
+export interface ProcessStats {
+  /** Largest VmHWM of the processes (peak resident set size, bytes). */
+  peakRss: number;
+  /** Sum of VmHWM over the processes (bytes): an upper bound of their peak together. */
+  peakRssSum: number;
+  /** User CPU seconds of all threads of the processes. */
+  cpuUser: number;
+  /** System CPU seconds. */
+  cpuSystem: number;
+  /** How many processes were counted. */
+  processes: number;
+}
+
+/** A server started by a benchmark. */
+export interface BenchServer {
+  /** "nginx", "arca", … */
+  name: string;
+  /** `http://127.0.0.1:<port>`. */
+  base: string;
+  /** The process id (nginx: the master). */
+  pid: number;
+  /** The requests the server has finished so far, in order. */
+  requests(): Promise<RequestRecord[]>;
+  /** CPU and memory of the server so far (nginx: master and workers). */
+  stats(): ProcessStats;
+  /** Stops it (SIGTERM) and waits for it to exit. */
+  stop(): Promise<void>;
+}
+
+let clockTicks: number | undefined;
+
+function ticksPerSecond(): number {
+  if (clockTicks !== undefined) return clockTicks;
+  const out = new Deno.Command("getconf", { args: ["CLK_TCK"], stderr: "null" }).outputSync();
+  const value = Number(new TextDecoder().decode(out.stdout).trim());
+  return clockTicks = Number.isFinite(value) && value > 0 ? value : 100;
+}
+
+function childPids(pid: number): number[] {
+  const out: number[] = [];
+  try {
+    for (const task of Deno.readDirSync(`/proc/${pid}/task`)) {
+      const text = Deno.readTextFileSync(`/proc/${pid}/task/${task.name}/children`).trim();
+      if (text) out.push(...text.split(/\s+/).map(Number));
+    }
+  } catch {
+    // Gone.
+  }
+  return out;
+}
+
+/**
+ * CPU seconds (utime, stime of every thread) and peak RSS (VmHWM) of a process and its
+ * descendants, as `/proc` shows them now: read it before the process exits.
+ */
+export function processStats(pid: number): ProcessStats {
+  const stats: ProcessStats = { peakRss: 0, peakRssSum: 0, cpuUser: 0, cpuSystem: 0, processes: 0 };
+  const pending = [pid];
+  while (pending.length > 0) {
+    const current = pending.pop()!;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${current}/stat`);
+      // Fields after "pid (comm) ": state is field 3, utime 14, stime 15.
+      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      stats.cpuUser += Number(fields[11]) / ticksPerSecond();
+      stats.cpuSystem += Number(fields[12]) / ticksPerSecond();
+      const hwm = readVmHwm(current) ?? 0;
+      stats.peakRss = Math.max(stats.peakRss, hwm);
+      stats.peakRssSum += hwm;
+      stats.processes++;
+    } catch {
+      continue; // gone meanwhile
+    }
+    pending.push(...childPids(current));
+  }
+  return stats;
+}
+
+/** Options of {@link startNginx}. */
+export interface NginxOptions {
+  /** Accept WebDAV writes (`dav_methods PUT DELETE MKCOL`, `create_full_put_path`, no body limit). */
+  dav?: boolean;
+  /** Progress lines. */
+  log?: (line: string) => void;
+}
+
+/**
+ * Starts `/usr/sbin/nginx` in the foreground (`-p <scratch>/nginx-<random>`, a generated
+ * config, `daemon off`) on 127.0.0.1 and a free port, serving `root`: `sendfile`,
+ * `worker_processes auto`, Nix's content types. Every request is logged with `$msec` and
+ * `$request_time` so {@link BenchServer.requests} can say when each ended. With `dav`,
+ * the WebDAV module (built into Debian's nginx: `nginx -V` lists `--with-http_dav_module`)
+ * takes PUTs into `root`, creating directories, with no body size limit; request bodies
+ * are buffered in a temporary directory on the same filesystem and renamed into place.
+ */
+export async function startNginx(
+  root: string,
+  scratch: string,
+  options: NginxOptions = {},
+): Promise<BenchServer> {
+  const port = freePort();
+  const prefix = Deno.makeTempDirSync({ dir: scratch, prefix: "nginx-" });
+  await Deno.mkdir(`${prefix}/tmp`, { recursive: true });
+  const conf = `${prefix}/nginx.conf`;
+  const accessLog = `${prefix}/access.log`;
+  const temps = ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+    .map((t) => `  ${t}_temp_path ${prefix}/tmp/${t};`).join("\n");
+  const dav = options.dav
+    ? `    dav_methods PUT DELETE MKCOL;
+    create_full_put_path on;
+    dav_access user:rw group:r all:r;
+    client_max_body_size 0;
+`
+    : "";
+  await Deno.writeTextFile(
+    conf,
+    `${Deno.uid() === 0 ? "user root;\n" : ""}worker_processes auto;
+error_log ${prefix}/error.log warn;
+pid ${prefix}/nginx.pid;
+events { worker_connections 1024; }
+http {
+  log_format timed '$msec $request_time $status "$request"';
+  access_log ${accessLog} timed;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+${temps}
+  types {
+    text/x-nix-narinfo narinfo;
+    text/x-nix-cache-info nix-cache-info;
+    application/x-nix-nar nar zst xz;
+  }
+  default_type application/octet-stream;
+  server {
+    listen 127.0.0.1:${port};
+    root ${root};
+${dav}  }
+}
+`,
+  );
+  // As root, workers would drop to "nobody": the config keeps them as the current user.
+  const child = new Deno.Command("/usr/sbin/nginx", {
+    args: ["-p", prefix, "-c", conf, "-g", "daemon off;"],
+    stdin: "null",
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+  const base = `http://127.0.0.1:${port}`;
+  try {
+    await waitForHttp(`${base}/nix-cache-info`, 30_000, { anyStatus: true });
+  } catch (error) {
+    child.kill("SIGTERM");
+    await child.status;
+    throw error;
+  }
+  // Forget the readiness probes.
+  await Deno.writeTextFile(accessLog, "");
+  options.log?.(
+    `nginx${options.dav ? " (WebDAV)" : ""} (pid ${child.pid}) on ${base}, root ${root}`,
+  );
+  let stopped = false;
+  return {
+    name: "nginx",
+    base,
+    pid: child.pid,
+    async requests() {
+      const text = await Deno.readTextFile(accessLog).catch(() => "");
+      const out: RequestRecord[] = [];
+      for (const line of text.split("\n")) {
+        const match = /^([\d.]+) ([\d.]+) (\d{3}) "(\S+) (\S+)[^"]*"$/.exec(line);
+        if (!match) continue;
+        out.push({
+          method: match[4],
+          path: match[5],
+          status: Number(match[3]),
+          endMs: Number(match[1]) * 1000,
+          seconds: Number(match[2]),
+        });
+      }
+      return out;
+    },
+    stats: () => processStats(child.pid),
+    async stop() {
+      if (stopped) return;
+      stopped = true;
+      child.kill("SIGTERM");
+      await child.status;
+    },
+  };
+}
+
+/** Options of {@link startArcaServe}. */
+export interface ArcaServeOptions {
+  /** Environment (e.g. {@link benchEnv}); the process gets only this. */
+  env: Record<string, string>;
+  /** main.ts to run (default this checkout's). */
+  main?: string;
+  /** Metadata backend (default kv). */
+  backend?: string;
+  /** More `serve` arguments (e.g. `--upload-token-file <f>`). */
+  serveArgs?: string[];
+  /** Flags for `deno run` (e.g. `--cpu-prof`, `--cpu-prof-dir=<dir>`). */
+  denoFlags?: string[];
+  /** Progress lines, and whatever arca prints that is not a request line. */
+  log?: (line: string) => void;
+}
+
+/**
+ * Starts `arca --cache-dir <cacheDir> serve --bind 127.0.0.1:<free port> --verbose` and
+ * waits until it answers. `--verbose` makes arca log each finished request as
+ * `METHOD path status` on stderr; each line is timed as it arrives, for
+ * {@link BenchServer.requests}. Stopping sends SIGTERM, on which arca shuts down cleanly
+ * (so `--cpu-prof` profiles get written).
+ */
+export async function startArcaServe(
+  cacheDir: string,
+  options: ArcaServeOptions,
+): Promise<BenchServer> {
+  const port = freePort();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: arcaArgs(
+      [
+        "--cache-dir",
+        cacheDir,
+        "--backend",
+        options.backend ?? "kv",
+        "--verbose",
+        "serve",
+        "--bind",
+        `127.0.0.1:${port}`,
+        ...(options.serveArgs ?? []),
+      ],
+      options.main ?? MAIN_TS,
+      options.denoFlags ?? [],
+    ),
+    env: options.env,
+    clearEnv: true,
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const records: RequestRecord[] = [];
+  const reading = (async () => {
+    let rest = "";
+    const decoder = new TextDecoder();
+    for await (const piece of child.stderr) {
+      const now = Date.now();
+      rest += decoder.decode(piece, { stream: true });
+      const lines = rest.split("\n");
+      rest = lines.pop()!;
+      for (const line of lines) {
+        const match = /^([A-Z]+) (\S+) (\d{3})$/.exec(line);
+        if (match) {
+          records.push({ method: match[1], path: match[2], status: Number(match[3]), endMs: now });
+        } else if (line.trim()) {
+          options.log?.(`arca: ${line}`);
+        }
+      }
+    }
+  })();
+  const base = `http://127.0.0.1:${port}`;
+  let stopped = false;
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    try {
+      child.kill("SIGTERM");
+    } catch {
+      // Exited already.
+    }
+    await child.status;
+    await reading;
+  };
+  try {
+    await waitForHttp(`${base}/nix-cache-info`);
+  } catch (error) {
+    await stop();
+    throw error;
+  }
+  records.length = 0; // the readiness probes
+  options.log?.(`arca serve (pid ${child.pid}) on ${base}, cache ${cacheDir}`);
+  return {
+    name: "arca",
+    base,
+    pid: child.pid,
+    requests: () => Promise.resolve([...records]),
+    stats: () => processStats(child.pid),
+    stop,
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// V8 CPU profiles (`deno run --cpu-prof --cpu-prof-dir=<dir>`: one file per isolate).
+
+/** Self time of one function (or file) in a CPU profile. */
+export interface ProfileEntry {
+  /** `function file:line`, `(idle)`, `(garbage collector)`, `(program)`; or a file. */
+  name: string;
+  seconds: number;
+  /** Fraction of the profile's duration. */
+  share: number;
+}
+
+/** A summary of one `.cpuprofile` file (or of a time window of it). */
+export interface ProfileSummary {
+  file: string;
+  /** Wall-clock seconds summarized (the profile's span, or the window's part of it). */
+  seconds: number;
+  /** Seconds not idle. */
+  busySeconds: number;
+  /** Functions by self time, largest first. */
+  functions: ProfileEntry[];
+  /** Source files by self time, largest first (V8 and runtime entries by their name). */
+  files: ProfileEntry[];
+}
+
+/** Options of {@link summarizeCpuProfile}. */
+export interface CpuProfileOptions {
+  /** How many functions and files to list (default 15). */
+  top?: number;
+  /**
+   * Only the samples taken in this window, in ms on the profile's clock (V8 TimeTicks, µs,
+   * divided by 1000) plus `clockOffsetMs`: give epoch times and the offset that maps the
+   * profile's clock to the epoch (see {@link cpuProfileSpan}).
+   */
+  window?: { fromMs: number; toMs: number };
+  /** Added to the profile's clock (ms) to compare it with `window`. */
+  clockOffsetMs?: number;
+}
+
+interface CpuProfileNode {
+  id: number;
+  callFrame: { functionName: string; url: string; lineNumber: number };
+}
+
+interface CpuProfile {
+  nodes: CpuProfileNode[];
+  samples: number[];
+  timeDeltas: number[];
+  startTime: number;
+  endTime: number;
+}
+
+function shortUrl(url: string): string {
+  if (url === "") return "";
+  const path = url.replace(/^file:\/\//, "");
+  if (path.startsWith(`${REPO_ROOT}/`)) return path.slice(REPO_ROOT.length + 1);
+  const parts = path.split("/");
+  return parts.slice(-2).join("/");
+}
+
+/**
+ * Start and end of a `.cpuprofile`, in ms on the profile's clock. All isolates of one
+ * process share that clock (monotonic), so the offset that maps one profile to the epoch
+ * (e.g. the main isolate's end ≈ when the process was told to stop) maps them all.
+ */
+export function cpuProfileSpan(file: string): { startMs: number; endMs: number } {
+  const profile = JSON.parse(Deno.readTextFileSync(file)) as CpuProfile;
+  return { startMs: profile.startTime / 1000, endMs: profile.endTime / 1000 };
+}
+
+/**
+ * Self time by function and by file of a V8 `.cpuprofile` (as `deno --cpu-prof` writes),
+ * optionally of a time window only. A sample is charged the interval until the next one.
+ */
+export function summarizeCpuProfile(file: string, options: CpuProfileOptions = {}): ProfileSummary {
+  const profile = JSON.parse(Deno.readTextFileSync(file)) as CpuProfile;
+  const byId = new Map(profile.nodes.map((node) => [node.id, node]));
+  const byFunction = new Map<string, number>();
+  const byFile = new Map<string, number>();
+  const offsetMicros = (options.clockOffsetMs ?? 0) * 1000;
+  const from = options.window ? options.window.fromMs * 1000 - offsetMicros : -Infinity;
+  const to = options.window ? options.window.toMs * 1000 - offsetMicros : Infinity;
+  let idle = 0;
+  let time = profile.startTime;
+  profile.samples.forEach((id, i) => {
+    time += profile.timeDeltas[i] ?? 0;
+    const until = i + 1 < profile.samples.length
+      ? time + (profile.timeDeltas[i + 1] ?? 0)
+      : profile.endTime;
+    // The part of [time, until) inside the window.
+    const micros = Math.max(0, Math.min(until, to) - Math.max(time, from));
+    if (micros === 0) return;
+    const frame = byId.get(id)?.callFrame;
+    const name = frame?.functionName || "(anonymous)";
+    const url = shortUrl(frame?.url ?? "");
+    // A Worker started under --cpu-prof waits here until the profiler attaches: idle too.
+    if (name === "(idle)" || name === "op_worker_maybe_wait_for_debugger") idle += micros;
+    const fn = url ? `${name} ${url}:${(frame?.lineNumber ?? 0) + 1}` : name;
+    byFunction.set(fn, (byFunction.get(fn) ?? 0) + micros);
+    const key = url || name;
+    byFile.set(key, (byFile.get(key) ?? 0) + micros);
+  });
+  const span = Math.max(0, Math.min(profile.endTime, to) - Math.max(profile.startTime, from));
+  const total = span / 1e6;
+  const entries = (map: Map<string, number>) =>
+    [...map].map(([name, micros]) => ({
+      name,
+      seconds: micros / 1e6,
+      share: total > 0 ? micros / 1e6 / total : 0,
+    })).sort((a, b) => b.seconds - a.seconds).slice(0, options.top ?? 15);
+  return {
+    file,
+    seconds: total,
+    busySeconds: total - idle / 1e6,
+    functions: entries(byFunction),
+    files: entries(byFile),
+  };
 }
