@@ -6,6 +6,7 @@
  */
 
 import type { Command } from "commander";
+import { NIXPKGS_PUBLIC_KEY } from "../cache/segments.ts";
 import { parsePublicKey, type PublicKey } from "../cache/signing.ts";
 import { parseBindAddress } from "../config.ts";
 import { FormatError, UsageError } from "../errors.ts";
@@ -130,7 +131,13 @@ export function registerSwarm(program: Command): void {
           name: s.name,
           topic: s.topicKey!,
           filter: s.filter,
-          trustedKeys: [...globalKeys, ...keys(s.trustedPublicKeys ?? [], `segment ${s.name}`)],
+          // A nixpkgs segment takes exactly the paths cache.nixos.org signed: its
+          // signature is enough to accept them.
+          trustedKeys: [
+            ...globalKeys,
+            ...keys(s.trustedPublicKeys ?? [], `segment ${s.name}`),
+            ...(s.filter === "nixpkgs" ? [NIXPKGS_PUBLIC_KEY] : []),
+          ],
           localPaths: "segment" as const,
         }));
         if (segments.length === 0) {

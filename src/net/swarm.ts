@@ -11,12 +11,20 @@
  *   hint (random nonce ‖ HMAC of the segment's hint key over it) so that the listener,
  *   which may serve several segments on one port, knows which pre-shared key to use;
  *   without a valid hint the connection is dropped. Failed or lost peers are retried with
- *   exponential backoff (1 s … 60 s); a peer that sends too many refused records is
- *   disconnected and ignored for 5 minutes.
+ *   exponential backoff (1 s … 60 s). When both sides dialed at once, the session the
+ *   smaller node id initiated stays; when the same side dials again, its new session
+ *   replaces the old one (which the dialer has lost, even if we have not noticed yet).
+ * - Refusals: a peer that sends more than {@link REFUSED_LIMIT} hostile records (malformed,
+ *   or with a trusted key's name on a signature that does not verify) is disconnected and
+ *   ignored for 5 minutes. Records that are only not for this segment (signed by keys it
+ *   does not trust, outside its filter) are refused without counting towards that limit:
+ *   honest peers may trust more keys. Their ids, and those of records stored in another
+ *   form (fewer signatures) or conflicting with what we hold, are remembered per peer and
+ *   reconciled as held, so the peer does not offer them again every round.
  * - Records: a received record is stored (as remote, or merged into the local path's
  *   signatures) only when src/net/sync_records.ts accepts it for the segment: well formed,
  *   signed by a key the segment trusts, passing its filter. Accepted records are audited as
- *   SyncReceive.
+ *   SyncReceive. Unsigned local paths are never offered: no peer could accept them.
  * - Push: the audit log is the change feed: new Import/Upload lines are pushed to the
  *   segment's sessions within a second; every session also reconciles periodically.
  * - Status: `<cacheDir>/swarm-status.json` is rewritten every 2 s for `arca status`.
@@ -37,7 +45,14 @@ import { type DiscoveredPeer, Discovery } from "./discovery.ts";
 import { generateStaticKeyPair, type KeyPair, x25519PublicKey } from "./noise.ts";
 import { openSecureChannel } from "./secure_channel.ts";
 import { SyncSession } from "./sync.ts";
-import { judgeRecord, mergeSignatures, parseSyncRecord, recordOfNarInfo } from "./sync_records.ts";
+import {
+  judgeRecord,
+  mergeSignatures,
+  parseSyncRecord,
+  recordId,
+  recordOfNarInfo,
+  type Refusal,
+} from "./sync_records.ts";
 import { deriveTopicKeys, type TopicKeys } from "./topic.ts";
 
 /** One segment the node shares. */
@@ -85,15 +100,22 @@ interface PeerState {
   dialing: boolean;
   failures: number;
   retryAt: number;
+  /** Records refused, for any reason. */
   refused: number;
+  /** Hostile records since the last ban. */
+  hostile: number;
   bannedUntil: number;
+  /** Ids (hex → bytes) of this peer's records we do not hold as they are; see the module comment. */
+  known: Map<string, Uint8Array>;
   recordsSent: number;
   recordsReceived: number;
   recordsAccepted: number;
 }
 
-/** Refused records before a peer is disconnected and banned. */
-const REFUSED_LIMIT = 20;
+/** Hostile records (see the module comment) tolerated before a peer is disconnected and banned. */
+export const REFUSED_LIMIT = 20;
+/** Most remembered ids per peer (32 bytes each); the set starts over when full. */
+const MAX_KNOWN_IDS = 100_000;
 const BAN_MS = 5 * 60 * 1000;
 const HINT_SIZE = 32;
 
@@ -262,7 +284,9 @@ export class Swarm {
         failures: 0,
         retryAt: 0,
         refused: 0,
+        hostile: 0,
         bannedUntil: 0,
+        known: new Map(),
         recordsSent: 0,
         recordsReceived: 0,
         recordsAccepted: 0,
@@ -289,7 +313,7 @@ export class Swarm {
     const now = Date.now();
     if (
       this.#stopped || peer.session || peer.dialing || peer.address === undefined ||
-      now < peer.retryAt || now < peer.bannedUntil
+      peer.syncPort === undefined || now < peer.retryAt || now < peer.bannedUntil
     ) return;
     peer.dialing = true;
     this.#track(this.#dial(peer).finally(() => (peer.dialing = false)));
@@ -382,8 +406,11 @@ export class Swarm {
     const peer = this.#peer(segment, nodeId);
     const initiatorId = initiator ? this.nodeId : nodeId;
     if (peer.session) {
-      // Both sides dialed: keep the session the smaller node id initiated.
-      if (peer.sessionInitiator! <= initiatorId) {
+      // Both sides dialed at once: both keep the session the smaller node id initiated. The
+      // same side dialing again has lost its old session: the new one replaces it.
+      const keepOld = peer.sessionInitiator !== initiatorId &&
+        peer.sessionInitiator! < initiatorId;
+      if (keepOld) {
         this.#track(channel.close());
         return;
       }
@@ -393,6 +420,7 @@ export class Swarm {
       initiator,
       source: {
         records: () => this.#segmentRecords(segment),
+        knownIds: () => peer.known.values(),
         receive: (records) => this.#receive(peer, records),
       },
     });
@@ -423,8 +451,9 @@ export class Swarm {
     const local = new Set<string>();
     for await (const record of this.#cache.listPaths()) {
       if (config.localPaths === "segment" && record.segment !== segment) continue;
-      records.push(recordOfNarInfo(record.narInfo));
       local.add(record.narInfo.storePath);
+      // Unsigned paths are useless to peers (they accept only signed records).
+      if (record.narInfo.sigs.length > 0) records.push(recordOfNarInfo(record.narInfo));
     }
     for await (const record of this.#remote.list(segment)) {
       if (local.has(record.storePath)) continue;
@@ -437,69 +466,118 @@ export class Swarm {
   async #receive(peer: PeerState, raw: unknown[]): Promise<void> {
     const config = this.#segments.get(peer.segment)!;
     const accepted: SyncRecord[] = [];
-    for (const item of raw) {
-      let reason: string | null;
-      let record: SyncRecord | undefined;
-      try {
-        record = parseSyncRecord(item);
-        reason = judgeRecord(record, config);
-      } catch (error) {
-        reason = (error as Error).message;
-      }
-      if (reason !== null || record === undefined) {
-        peer.refused++;
-        this.#options.log(`swarm: refused a record from ${peer.nodeId.slice(0, 16)}: ${reason}`);
-        if (peer.refused > REFUSED_LIMIT) {
-          peer.bannedUntil = Date.now() + BAN_MS;
-          peer.refused = 0;
-          throw new ProtocolError(`Peer sent more than ${REFUSED_LIMIT} refused records`);
+    const ignored = new Map<string, number>();
+    try {
+      for (const item of raw) {
+        let record: SyncRecord;
+        let refusal: Refusal | null;
+        try {
+          record = parseSyncRecord(item);
+          refusal = judgeRecord(record, config);
+        } catch (error) {
+          this.#refuse(peer, { reason: (error as Error).message, hostile: true });
+          continue;
         }
-        continue;
+        const id = recordId(record);
+        if (refusal !== null) {
+          this.#remember(peer, id);
+          if (refusal.hostile) this.#refuse(peer, refusal);
+          else {
+            peer.refused++;
+            ignored.set(refusal.reason, (ignored.get(refusal.reason) ?? 0) + 1);
+          }
+          continue;
+        }
+        const { news, held } = await this.#store(peer, record, config);
+        if (news) accepted.push(record);
+        if (held === null || formatBase16(recordId(held)) !== formatBase16(id)) {
+          this.#remember(peer, id);
+        }
       }
-      if (await this.#store(peer, record, config)) accepted.push(record);
-    }
-    peer.recordsAccepted += accepted.length;
-    if (accepted.length > 0) {
-      await this.#cache.audit.append(accepted.map((record) => ({
-        type: "SyncReceive" as const,
-        storePath: record.storePath,
-        segment: peer.segment,
-        detail: `from peer ${peer.nodeId.slice(0, 16)}`,
-      })));
+    } finally {
+      for (const [reason, count] of ignored) {
+        this.#options.log(
+          `swarm: refused ${count} record(s) from ${peer.nodeId.slice(0, 16)}: ${reason}`,
+        );
+      }
+      peer.recordsAccepted += accepted.length;
+      if (accepted.length > 0) {
+        await this.#cache.audit.append(accepted.map((record) => ({
+          type: "SyncReceive" as const,
+          storePath: record.storePath,
+          segment: peer.segment,
+          detail: `from peer ${peer.nodeId.slice(0, 16)}`,
+        })));
+      }
     }
   }
 
-  /** Stores an accepted record; true when it told us something new. */
-  async #store(peer: PeerState, record: SyncRecord, config: SwarmSegment): Promise<boolean> {
+  /** Counts a hostile record; past the limit, bans the peer and ends its session. */
+  #refuse(peer: PeerState, refusal: Refusal): void {
+    peer.refused++;
+    peer.hostile++;
+    this.#options.log(
+      `swarm: refused a record from ${peer.nodeId.slice(0, 16)}: ${refusal.reason}`,
+    );
+    if (peer.hostile > REFUSED_LIMIT) {
+      peer.bannedUntil = Date.now() + BAN_MS;
+      peer.hostile = 0;
+      throw new ProtocolError(`Peer sent more than ${REFUSED_LIMIT} refused records`);
+    }
+  }
+
+  /** Remembers a peer's record id to reconcile as held. */
+  #remember(peer: PeerState, id: Uint8Array): void {
+    if (peer.known.size >= MAX_KNOWN_IDS) peer.known.clear();
+    peer.known.set(formatBase16(id), id.slice());
+  }
+
+  /**
+   * Stores an accepted record. `news`: it told us something new (a path or a signature);
+   * `held`: the record we hold for its path now, or null when we keep a different one.
+   */
+  async #store(
+    peer: PeerState,
+    record: SyncRecord,
+    config: SwarmSegment,
+  ): Promise<{ news: boolean; held: SyncRecord | null }> {
     const { hash } = parseStorePath(record.storePath);
     const local = await this.#cache.getPath(hash);
     if (local) {
       if (local.narInfo.narHash !== record.narHash || local.narInfo.narSize !== record.narSize) {
-        return false;
+        return { news: false, held: null };
       }
       const sigs = mergeSignatures(record, local.narInfo.sigs, config.trustedKeys);
-      if (sigs.length === local.narInfo.sigs.length) return false;
+      if (sigs.length === local.narInfo.sigs.length) {
+        return { news: false, held: recordOfNarInfo(local.narInfo) };
+      }
       const updated: PathRecord = { ...local, narInfo: { ...local.narInfo, sigs } };
       await this.#cache.metadata.putPath(updated);
-      return true;
+      return { news: true, held: recordOfNarInfo(updated.narInfo) };
     }
     const existing = await this.#remote.get(peer.segment, hash);
-    if (existing && existing.narHash !== record.narHash) return false; // keep the first version
+    if (existing && existing.narHash !== record.narHash) {
+      return { news: false, held: null }; // keep the first version
+    }
     const sigs = mergeSignatures(record, existing?.sigs ?? [], config.trustedKeys);
     const peers = [...new Set([...(existing?.peers ?? []), peer.nodeId])].sort();
-    if (
-      existing && sigs.length === existing.sigs.length && peers.length === existing.peers.length
-    ) {
-      return false;
+    const held: SyncRecord = { ...record, sigs };
+    if (existing) {
+      const { segment: _s, receivedAt: _r, peers: _p, ...current } = existing;
+      if (sigs.length === existing.sigs.length) {
+        if (peers.length !== existing.peers.length) {
+          await this.#remote.put({ ...existing, peers });
+        }
+        return { news: false, held: current };
+      }
     }
     await this.#remote.put({
-      ...record,
-      sigs,
+      ...held,
       segment: peer.segment,
       receivedAt: existing?.receivedAt ?? Date.now(),
       peers,
     });
-    return existing === null;
+    return { news: true, held };
   }
 
   #reconcileAll(): Promise<void> {
@@ -559,7 +637,7 @@ export class Swarm {
     const bySegment = new Map<string, SyncRecord[]>();
     for (const storePath of paths) {
       const record = await this.#cache.getPath(parseStorePath(storePath).hash);
-      if (!record) continue;
+      if (!record || record.narInfo.sigs.length === 0) continue;
       for (const segment of this.#segments.values()) {
         if (segment.localPaths === "segment" && record.segment !== segment.name) continue;
         const list = bySegment.get(segment.name) ?? [];
@@ -594,6 +672,7 @@ export class Swarm {
             recordsSent: p.recordsSent + (p.session?.stats.recordsSent ?? 0),
             recordsReceived: p.recordsReceived + (p.session?.stats.recordsReceived ?? 0),
             recordsAccepted: p.recordsAccepted,
+            recordsRefused: p.refused,
           })),
       })),
     };
@@ -624,6 +703,7 @@ export interface SwarmStatus {
       recordsSent: number;
       recordsReceived: number;
       recordsAccepted: number;
+      recordsRefused: number;
     }[];
   }[];
 }

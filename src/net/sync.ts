@@ -7,8 +7,9 @@
  * - `{"t":"rc","start":true,"m":"<base64>"}` starts a reconciliation round (the side that
  *   connected starts one at once and then periodically); `{"t":"rc","m":…}` continues it;
  * - `{"t":"records","records":[…]}` carries at most {@link MAX_RECORDS_PER_MESSAGE}
- *   records (src/net/sync_records.ts), sent for the ids the other side lacks and pushed
- *   for new local paths.
+ *   records (src/net/sync_records.ts), and a sender starts a new message once one holds
+ *   {@link RECORDS_MESSAGE_BYTES} of JSON; records are sent for the ids the other side
+ *   lacks and pushed for new local paths.
  * Anything else, malformed JSON or a reconciliation error is a ProtocolError that ends the
  * session. What to do with received records is the caller's (it judges them).
  * @module
@@ -23,11 +24,23 @@ import { recordId } from "./sync_records.ts";
 
 /** Records per `records` message. */
 export const MAX_RECORDS_PER_MESSAGE = 256;
+/**
+ * A `records` message being sent is closed once its JSON reaches this size (a record with
+ * thousands of references is tens of KiB: 256 of them would overflow the channel's 16 MiB
+ * message limit).
+ */
+export const RECORDS_MESSAGE_BYTES = 1 << 20;
 
 /** What a session needs from its segment. */
 export interface SegmentSource {
   /** The segment's records as this node knows them now (local and remote). */
   records(): Promise<SyncRecord[]>;
+  /**
+   * Ids to count as held although no record is sent for them: records this peer offered
+   * that were refused or stored in another form (fewer signatures), so that reconciliation
+   * does not offer them again every round.
+   */
+  knownIds?(): Iterable<Uint8Array>;
   /** Called with the (untrusted, unparsed) records the peer sent. */
   receive(records: unknown[]): Promise<void>;
 }
@@ -52,6 +65,8 @@ export class SyncSession {
   };
   #source: SegmentSource;
   #reconciler: Reconciler | null = null;
+  /** A round is being started (its records listed): startRound() is then a no-op too. */
+  #starting = false;
   #byId = new Map<string, SyncRecord>();
   #sending: Promise<void> = Promise.resolve();
 
@@ -61,22 +76,48 @@ export class SyncSession {
     this.#source = options.source;
   }
 
-  /** Starts a reconciliation round (the initiator's job); no-op while one is running. */
+  /**
+   * Starts a reconciliation round (the initiator's job); no-op while one is running or
+   * being started.
+   */
   async startRound(): Promise<void> {
-    if (this.#reconciler !== null) return;
-    const reconciler = await this.#newReconciler();
-    this.#reconciler = reconciler;
-    this.stats.rounds++;
-    await this.#send({ t: "rc", start: true, m: encodeBase64(reconciler.initiate()) });
+    if (this.#reconciler !== null || this.#starting) return;
+    if (!this.initiator) throw new ProtocolError("Only the initiator starts reconciliation rounds");
+    this.#starting = true;
+    try {
+      const reconciler = await this.#newReconciler();
+      this.#reconciler = reconciler;
+      this.stats.rounds++;
+      await this.#send({ t: "rc", start: true, m: encodeBase64(reconciler.initiate()) });
+    } finally {
+      this.#starting = false;
+    }
   }
 
   /** Sends records to the peer (new local paths), in batches. */
   async push(records: SyncRecord[]): Promise<void> {
-    for (let i = 0; i < records.length; i += MAX_RECORDS_PER_MESSAGE) {
-      const batch = records.slice(i, i + MAX_RECORDS_PER_MESSAGE);
+    let batch: string[] = [];
+    let size = 0;
+    const flush = async () => {
+      if (batch.length === 0) return;
+      const text = `{"t":"records","records":[${batch.join(",")}]}`;
       this.stats.recordsSent += batch.length;
-      await this.#send({ t: "records", records: batch });
+      batch = [];
+      size = 0;
+      await this.#sendText(text);
+    };
+    for (const record of records) {
+      const json = JSON.stringify(record);
+      if (
+        batch.length === MAX_RECORDS_PER_MESSAGE ||
+        (size > 0 && size + json.length > RECORDS_MESSAGE_BYTES)
+      ) {
+        await flush();
+      }
+      batch.push(json);
+      size += json.length + 1;
     }
+    await flush();
   }
 
   /** Handles messages until the channel closes; rejects with ProtocolError on misbehaviour. */
@@ -127,19 +168,25 @@ export class SyncSession {
 
   async #newReconciler(): Promise<Reconciler> {
     const records = await this.#source.records();
-    this.#byId = new Map();
+    const byId = new Map<string, SyncRecord>();
     const items = records.map((record) => {
       const id = recordId(record);
-      this.#byId.set(formatBase16(id), record);
+      byId.set(formatBase16(id), record);
       return { timestamp: 0, id };
     });
+    for (const id of this.#source.knownIds?.() ?? []) items.push({ timestamp: 0, id });
+    this.#byId = byId;
     return new Reconciler(new ReconcileStorage(items));
   }
 
   /** Sends one message; sends are serialized so messages never interleave. */
   #send(message: unknown): Promise<void> {
-    const bytes = new TextEncoder().encode(JSON.stringify(message));
-    this.#sending = this.#sending.then(() => this.channel.send(bytes));
+    return this.#sendText(JSON.stringify(message));
+  }
+
+  #sendText(text: string): Promise<void> {
+    const bytes = new TextEncoder().encode(text);
+    this.#sending = this.#sending.catch(() => {}).then(() => this.channel.send(bytes));
     return this.#sending;
   }
 }
