@@ -16,12 +16,15 @@ import { IntegrityError, NotFoundError } from "../errors.ts";
 import { AccessTimes } from "./access_times.ts";
 import { type AuditEventType, AuditLog } from "./audit.ts";
 import { withWriterLock } from "./cache_lock.ts";
-import { ChunkStore } from "./chunk_store.ts";
+import { ChunkFileCommitter, ChunkStore } from "./chunk_store.ts";
 import { StreamChunker } from "./chunker.ts";
 import {
+  type ChunkBatchTarget,
   type ChunkCompression,
   ChunkCompressor,
+  chunkFileExtension,
   decompressChunk,
+  FOUND_NEW,
   narFileExtension,
   nixCompressionName,
 } from "./compression.ts";
@@ -41,7 +44,7 @@ import {
   openMetadata,
   type PathRecord,
 } from "./metadata.ts";
-import { narValidator } from "./nar.ts";
+import { NarParser } from "./nar.ts";
 import type { NarInfo } from "./narinfo.ts";
 import { encodeNixBase32 } from "./nixbase32.ts";
 import { type SecretKey, signatureKeyName, signNarInfo } from "./signing.ts";
@@ -310,6 +313,15 @@ export class Cache {
   /**
    * Chunks a NAR stream, writing the chunks that neither this cache nor `target` holds into
    * `target` (the cache's own store, or a staging one), and returns its manifest.
+   *
+   * The main thread reads the NAR (into one reused buffer when it is a byte stream, such as
+   * dumpNar's), validates and hashes it, cuts it into chunks and packs them into
+   * ~1 MiB batches; the compressor's Workers hash, look up, compress and write each batch
+   * (temporary files, ChunkBatchStorer) and hand back its frames, which are hashed into
+   * FileHash in order here; a ChunkFileCommitter makes the new files durable in rounds
+   * (one filesystem flush each) and links them to their final names, and once more at the
+   * end, before the caller commits anything that references them (chunk_store.ts says
+   * why that is crash-safe). Batch and frame buffers go round between the threads.
    */
   async #storeChunks(
     nar: ReadableStream<Uint8Array>,
@@ -317,88 +329,125 @@ export class Cache {
     compressor: ChunkCompressor,
     target: ChunkStore,
   ): Promise<{ manifest: Manifest; newChunks: number; newStoredBytes: number }> {
+    const BATCH_BYTES = 1024 * 1024;
+    const BATCH_CAPACITY = BATCH_BYTES + 256 * 1024;
     const narHash = createSha256();
     const fileHash = createSha256();
     const chunker = new StreamChunker();
     const entries: ManifestEntry[] = [];
-    // Chunks in order, each with the promise of its stored (compressed) bytes.
-    const window: { entry: ManifestEntry; file: Promise<Uint8Array> }[] = [];
+    const extension = chunkFileExtension(compression);
+    const batchTarget: ChunkBatchTarget = {
+      lookIn: target === this.chunks ? [target.root] : [this.chunks.root, target.root],
+      writeTo: target.root,
+      tmpSuffix: Array.from(
+        crypto.getRandomValues(new Uint8Array(8)),
+        (b) => b.toString(16).padStart(2, "0"),
+      ).join(""),
+    };
+    const committer = new ChunkFileCommitter(target.root, {
+      link: (pairs) => compressor.linkFiles(pairs),
+    });
+    type Reply = Awaited<ReturnType<ChunkCompressor["storeBatch"]>>;
+    // Batches in flight, oldest first, with their chunks' sizes.
+    const window: { sizes: Uint32Array; reply: Promise<Reply> }[] = [];
     let windowBytes = 0;
-    // Chunks of this import not yet hashed into FileHash, so a chunk repeated within the
-    // NAR is compressed and written once: id → [file promise, uses in the window].
-    const inFlight = new Map<string, [Promise<Uint8Array>, number]>();
+    // Buffers back from the Workers, for the next batches and frames.
+    const batchBuffers: ArrayBuffer[] = [];
+    const frameBuffers: ArrayBuffer[] = [];
+    let batch = new Uint8Array(BATCH_CAPACITY);
+    let batchUsed = 0;
+    let batchLengths: number[] = [];
     let narSize = 0;
     let fileSize = 0;
-    let newChunks = 0;
-    let newStoredBytes = 0;
 
-    const store = async (id: string, pending: Promise<Uint8Array>): Promise<Uint8Array> => {
-      const file = await pending;
-      if (await target.put(id, file, compression)) {
-        newChunks++;
-        newStoredBytes += file.length;
-      }
-      return file;
+    const send = () => {
+      if (batchLengths.length === 0) return;
+      const sizes = Uint32Array.from(batchLengths);
+      const reply = compressor.storeBatch(
+        batch.buffer,
+        sizes,
+        batchTarget,
+        frameBuffers.pop(),
+      );
+      reply.catch(() => {}); // handled where the window is drained
+      window.push({ sizes, reply });
+      windowBytes += batchUsed;
+      const spare = batchBuffers.pop();
+      batch = spare ? new Uint8Array(spare) : new Uint8Array(BATCH_CAPACITY);
+      batchUsed = 0;
+      batchLengths = [];
     };
-    // Hashes a batch of chunks, checks which are stored, and starts compressing the rest
-    // in one synchronous pass, so the compressor sends them to its Workers as one batch.
-    const startBatch = async (chunks: Uint8Array[]) => {
-      if (chunks.length === 0) return;
-      const ids = chunks.map((chunk) => formatBase16(sha256(chunk)));
-      const unknown = [...new Set(ids.filter((id) => !inFlight.has(id)))];
-      const storedIn = new Map<string, ChunkStore>();
-      const present = await Promise.all(unknown.map(async (id) => {
-        if (await this.chunks.has(id, compression)) return this.chunks;
-        if (target !== this.chunks && await target.has(id, compression)) return target;
-        return null;
-      }));
-      unknown.forEach((id, i) => present[i] && storedIn.set(id, present[i]));
-      chunks.forEach((chunk, i) => {
-        const id = ids[i];
-        let slot = inFlight.get(id);
-        if (!slot) {
-          const holder = storedIn.get(id);
-          const file = holder
-            ? holder.read(id, compression)
-            : store(id, compressor.compress(chunk));
-          slot = [file, 0];
-          inFlight.set(id, slot);
-          // Rejections are handled where the window is drained.
-          file.catch(() => {});
+    const add = (chunk: Uint8Array) => {
+      if (batchUsed + chunk.length > batch.length) send();
+      batch.set(chunk, batchUsed);
+      batchUsed += chunk.length;
+      batchLengths.push(chunk.length);
+      if (batchUsed >= BATCH_BYTES) send();
+    };
+    // Takes the oldest batch's reply: manifest entries, FileHash, new files to commit.
+    const take = (sizes: Uint32Array, { batch: stored, data }: Reply) => {
+      batchBuffers.push(data);
+      const frameLengths = new Uint32Array(stored.frameLengths);
+      const found = new Uint8Array(stored.found);
+      let total = 0;
+      for (let i = 0; i < sizes.length; i++) {
+        const id = stored.ids.slice(64 * i, 64 * i + 64);
+        const storedSize = frameLengths[i];
+        entries.push({ id, size: sizes[i], storedSize });
+        if (found[i] === FOUND_NEW) {
+          const path = `${target.root}/${id.slice(0, 2)}/${id}.${extension}`;
+          committer.add(`${path}.tmp-${stored.tmpSuffix}`, path, storedSize);
         }
-        slot[1]++;
-        window.push({ entry: { id, size: chunk.length, storedSize: 0 }, file: slot[0] });
-        windowBytes += chunk.length;
-      });
+        total += storedSize;
+      }
+      fileHash.update(new Uint8Array(stored.frames, 0, total));
+      fileSize += total;
+      frameBuffers.push(stored.frames);
     };
     const finishOldest = async () => {
-      const { entry, file: pending } = window.shift()!;
-      windowBytes -= entry.size;
-      const file = await pending;
-      entry.storedSize = file.length;
-      fileHash.update(file);
-      fileSize += file.length;
-      entries.push(entry);
-      const slot = inFlight.get(entry.id)!;
-      if (--slot[1] === 0) inFlight.delete(entry.id);
+      const { sizes, reply } = window.shift()!;
+      for (const size of sizes) windowBytes -= size;
+      take(sizes, await reply);
     };
 
-    const reader = nar.pipeThrough(narValidator()).getReader();
+    // A byte stream (dumpNar, request bodies) is read into one reused buffer.
+    let byob: ReadableStreamBYOBReader | null = null;
+    try {
+      byob = nar.getReader({ mode: "byob" });
+    } catch {
+      byob = null;
+    }
+    const reader = byob ?? nar.getReader();
+    let piece = new ArrayBuffer(BATCH_BYTES);
+    const parser = new NarParser();
+    let committed: { created: number; createdBytes: number };
     try {
       for (;;) {
-        const { value, done } = await reader.read();
+        const { value, done } = byob !== null
+          ? await byob.read(new Uint8Array(piece))
+          : await (reader as ReadableStreamDefaultReader<Uint8Array>).read();
         if (done) break;
+        if (byob !== null) piece = value.buffer as ArrayBuffer;
+        parser.push(value);
         narHash.update(value);
         narSize += value.length;
-        await startBatch(chunker.push(value));
+        chunker.pushTo(value, add);
         while (windowBytes > IMPORT_WINDOW_BYTES) await finishOldest();
       }
-      await startBatch(chunker.finish());
+      parser.end();
+      chunker.finishTo(add);
+      send();
       while (window.length) await finishOldest();
+      committed = await committer.commit();
     } catch (error) {
       await reader.cancel().catch(() => {});
-      // Settle what is in flight before reporting, so no write outlives the import.
-      await Promise.allSettled(window.map((w) => w.file));
+      // Settle what is in flight before reporting, so no write outlives the import, and
+      // remove the temporary files of the batches that were written.
+      const settled = await Promise.allSettled(window.map((w) => w.reply));
+      settled.forEach((result, i) => {
+        if (result.status === "fulfilled") take(window[i].sizes, result.value);
+      });
+      await committer.abort();
       throw error;
     }
     return {
@@ -410,8 +459,8 @@ export class Cache {
         fileSize,
         chunks: entries,
       },
-      newChunks,
-      newStoredBytes,
+      newChunks: committed.created,
+      newStoredBytes: committed.createdBytes,
     };
   }
 
@@ -424,10 +473,9 @@ export class Cache {
     if (hashPart === null) return null;
     const found = await this.narOfPath(hashPart);
     // The index and the record are two reads: serve only a record that has this FileHash.
-    if (found === null || found.record.narInfo.fileHash !== normalizeNixHash(fileHash)) {
-      return null;
-    }
-    return found;
+    const recorded = found?.record.narInfo.fileHash;
+    if (recorded === undefined) return null;
+    return recorded === fileHash || recorded === normalizeNixHash(fileHash) ? found : null;
   }
 
   /**
@@ -648,7 +696,7 @@ function readChunkFileSync(path: string, entry: ManifestEntry, target: Uint8Arra
       filled += n;
     }
     // A file longer than the manifest says is as wrong as a shorter one.
-    if (filled === target.length && file.readSync(new Uint8Array(1)) !== null) filled++;
+    if (filled === target.length && file.readSync(ONE_BYTE) !== null) filled++;
     if (filled !== target.length) {
       throw new IntegrityError(
         `Chunk ${entry.id} has ${
@@ -660,6 +708,9 @@ function readChunkFileSync(path: string, entry: ManifestEntry, target: Uint8Arra
     file.close();
   }
 }
+
+/** Scratch space of {@link readChunkFileSync}'s end-of-file check. */
+const ONE_BYTE = new Uint8Array(1);
 
 /** What identifies one version of a file: device, inode, size, mtime, ctime. */
 function fileIdentity(info: Deno.FileInfo): string {

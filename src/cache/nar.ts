@@ -761,7 +761,8 @@ export interface NarWriterOptions {
  * The NAR encoder's framing, pure: callers describe the tree in NAR order and take the
  * output as large coalesced chunks. Regular-file contents can be written straight into
  * the output buffer ({@link NarWriter.contentsBuffer} + {@link NarWriter.commitContents})
- * so a file reader copies nothing. Chunks handed out are never written again.
+ * so a file reader copies nothing. Chunks handed out are never written again, unless the
+ * caller gives one back with {@link NarWriter.recycle} (then later chunks reuse its memory).
  *
  * Order of calls: `regular(...)` then exactly `size` bytes of contents (the node is closed
  * automatically when they are complete); `symlink(target)`; `directory()`, then for each
@@ -773,6 +774,8 @@ export class NarWriter {
   #buffer: Uint8Array;
   #position = 0;
   #ready: Uint8Array[] = [];
+  /** Chunks given back, for #rotate to reuse. */
+  #spare: Uint8Array[] = [];
   #contentsLeft = 0;
   #contentsSize = 0;
   #written = 0;
@@ -885,6 +888,23 @@ export class NarWriter {
     return ready;
   }
 
+  /**
+   * Gives back a full chunk taken from this writer once its bytes are no longer needed;
+   * later chunks reuse its memory instead of allocating (a few are kept). Anything that
+   * is not a whole chunk of this writer is ignored.
+   */
+  recycle(chunk: Uint8Array): void {
+    if (
+      chunk.byteOffset === 0 && chunk.byteLength === this.#chunkSize &&
+      chunk.buffer.byteLength === this.#chunkSize && this.#spare.length < 4 &&
+      chunk.buffer !== this.#buffer.buffer &&
+      !this.#spare.some((spare) => spare.buffer === chunk.buffer) &&
+      !this.#ready.some((ready) => ready.buffer === chunk.buffer)
+    ) {
+      this.#spare.push(chunk);
+    }
+  }
+
   /** Takes all remaining output, including the partial last chunk. */
   finish(): Uint8Array[] {
     if (this.#contentsLeft > 0) {
@@ -900,6 +920,7 @@ export class NarWriter {
           : this.#buffer.subarray(0, used),
       );
       this.#buffer = new Uint8Array(0);
+      this.#spare = [];
       this.#position = 0;
     }
     return ready;
@@ -907,7 +928,7 @@ export class NarWriter {
 
   #rotate(): void {
     if (this.#buffer.length > 0) this.#ready.push(this.#buffer);
-    this.#buffer = new Uint8Array(this.#chunkSize);
+    this.#buffer = this.#spare.pop() ?? new Uint8Array(this.#chunkSize);
     this.#position = 0;
   }
 

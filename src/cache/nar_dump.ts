@@ -39,6 +39,11 @@ const encoder = new TextEncoder();
  * not exist, and an {@link IntegrityError} if a file shrinks while it is read.
  * Cancelling the stream closes any open file.
  *
+ * It is a byte stream: a default reader gets chunks of `bufferSize` bytes (the last one
+ * shorter) that it may keep; a BYOB reader (`getReader({ mode: "byob" })`) gets the NAR
+ * copied into the buffers it passes, and then the encoder reuses its own few buffers
+ * instead of allocating one per chunk (what an import wants: no garbage per MiB).
+ *
  * @example
  * ```ts
  * for await (const chunk of dumpNar("/nix/store/…-hello")) hash.update(chunk);
@@ -52,17 +57,61 @@ export function dumpNar(
   if (!Number.isSafeInteger(bufferSize) || bufferSize < 1) {
     throw new RangeError(`Invalid NAR buffer size: ${bufferSize}`);
   }
-  const chunks = generateNar(path, bufferSize);
-  return new ReadableStream<Uint8Array>({
+  const writer = new NarWriter({ chunkSize: bufferSize });
+  const chunks = generateNar(path, writer);
+  // The chunk being copied into BYOB buffers, and how much of it was copied.
+  let current: Uint8Array | null = null;
+  let copied = 0;
+  return new ReadableStream({
+    type: "bytes",
     async pull(controller) {
-      const next = await chunks.next();
-      if (next.done) controller.close();
-      else controller.enqueue(next.value);
+      const request = controller.byobRequest;
+      if (request === null || request.view === null) {
+        // A default reader: hand the chunk itself over (its buffer is transferred).
+        if (current !== null) {
+          const rest = current.slice(copied);
+          current = null;
+          controller.enqueue(rest);
+          return;
+        }
+        const next = await chunks.next();
+        if (next.done) controller.close();
+        else controller.enqueue(next.value);
+        return;
+      }
+      const view = new Uint8Array(
+        request.view.buffer,
+        request.view.byteOffset,
+        request.view.byteLength,
+      );
+      let filled = 0;
+      while (filled < view.length) {
+        if (current === null) {
+          const next = await chunks.next();
+          if (next.done) break;
+          current = next.value;
+          copied = 0;
+        }
+        const take = Math.min(view.length - filled, current.length - copied);
+        view.set(current.subarray(copied, copied + take), filled);
+        filled += take;
+        copied += take;
+        if (copied === current.length) {
+          writer.recycle(current);
+          current = null;
+        }
+      }
+      if (filled === 0) {
+        controller.close();
+        request.respond(0);
+      } else {
+        request.respond(filled);
+      }
     },
     async cancel() {
       await chunks.return(undefined);
     },
-  });
+  }) as ReadableStream<Uint8Array>;
 }
 
 interface Frame {
@@ -81,8 +130,7 @@ const SYNC_READ_LIMIT = 256 * 1024;
 /** ...and except for one node in this many, so the event loop is never held for long. */
 const ASYNC_EVERY = 64;
 
-async function* generateNar(root: string, bufferSize: number): AsyncGenerator<Uint8Array> {
-  const writer = new NarWriter({ chunkSize: bufferSize });
+async function* generateNar(root: string, writer: NarWriter): AsyncGenerator<Uint8Array> {
   const stack: Frame[] = [];
   let visit: string | null = root;
   let budget = ASYNC_EVERY;
