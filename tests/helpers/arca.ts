@@ -1,6 +1,7 @@
 /**
  * Test helpers that run arca as a real process (`deno run -A main.ts`), the way users do:
- * one-shot commands and a `serve` process on 127.0.0.1 that the test stops by PID.
+ * one-shot commands, and `serve` and `swarm` processes on 127.0.0.1 that the test stops by
+ * PID.
  * @module
  */
 
@@ -156,4 +157,88 @@ export async function startServe(
       return stopped;
     },
   };
+}
+
+/** A running `arca swarm`. */
+export interface ArcaSwarm {
+  pid: number;
+  /** The node id prefix (16 hex digits) from its "Swarm node" line. */
+  nodeId: string;
+  /** What it wrote to stderr so far (its log lines). */
+  stderr(): string;
+  /** Stops it (SIGTERM, then SIGKILL after 5 s), waits for it, and returns how it ended. */
+  stop(): Promise<Deno.CommandStatus>;
+}
+
+/**
+ * Starts `arca <args>` (which should hold `swarm` and its options) and waits, at most 30 s,
+ * for its "Swarm node <id>" line: by then its sockets are bound and discovery has started.
+ */
+export async function startSwarm(
+  args: string[],
+  options: { env?: Record<string, string> } = {},
+): Promise<ArcaSwarm> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--quiet", MAIN, ...args],
+    env: options.env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let errors = "";
+  const stderrDone = child.stderr.pipeThrough(new TextDecoderStream()).pipeTo(
+    new WritableStream({ write: (chunk) => void (errors += chunk) }),
+  ).catch(() => {});
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let seen = "";
+  let match: RegExpExecArray | null = null;
+  const deadline = setTimeout(() => child.kill("SIGKILL"), 30_000);
+  try {
+    while ((match = /Swarm node ([0-9a-f]{16})/.exec(seen)) === null) {
+      const { value, done } = await reader.read();
+      if (done) {
+        await child.status;
+        await stderrDone;
+        throw new Error(`arca swarm exited before starting: ${errors}`);
+      }
+      seen += value;
+    }
+  } finally {
+    clearTimeout(deadline);
+  }
+  // Keep draining stdout so the child never blocks on a full pipe.
+  (async () => {
+    while (!(await reader.read()).done);
+  })().catch(() => {});
+  let stopped: Promise<Deno.CommandStatus> | undefined;
+  return {
+    pid: child.pid,
+    nodeId: match[1],
+    stderr: () => errors,
+    stop() {
+      stopped ??= (async () => {
+        try {
+          child.kill("SIGTERM");
+        } catch { /* already gone */ }
+        const timer = setTimeout(() => {
+          try {
+            child.kill("SIGKILL");
+          } catch { /* already gone */ }
+        }, 5000);
+        const status = await child.status;
+        clearTimeout(timer);
+        await stderrDone;
+        return status;
+      })();
+      return stopped;
+    },
+  };
+}
+
+/** A UDP port on 127.0.0.1 that was free a moment ago (bound, then released). */
+export function freeUdpPort(): number {
+  const conn = Deno.listenDatagram({ transport: "udp", hostname: "127.0.0.1", port: 0 });
+  const port = (conn.addr as Deno.NetAddr).port;
+  conn.close();
+  return port;
 }
