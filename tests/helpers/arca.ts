@@ -11,6 +11,14 @@ import { nixEnv } from "./nix.ts";
 export const REPO_ROOT: string = new URL("../../", import.meta.url).pathname;
 const MAIN = `${REPO_ROOT}main.ts`;
 
+/** How arca is started: the program, then the arguments that come before arca's own. */
+export type ArcaCommand = readonly [program: string, ...args: string[]];
+
+/** `deno run -A --quiet main.ts` with this process's Deno: the default {@link ArcaCommand}. */
+export function defaultArcaCommand(): ArcaCommand {
+  return [Deno.execPath(), "run", "-A", "--quiet", MAIN];
+}
+
 /** A temp home for one test: config and cache dirs, plus the Nix environment. */
 export interface ArcaHome {
   dir: string;
@@ -56,13 +64,14 @@ export interface ArcaResult {
   stderr: string;
 }
 
-/** Runs `arca <args>` to completion. */
+/** Runs `arca <args>` to completion (with `command`, default {@link defaultArcaCommand}). */
 export async function runArca(
   args: string[],
-  options: { env?: Record<string, string>; cwd?: string } = {},
+  options: { env?: Record<string, string>; cwd?: string; command?: ArcaCommand } = {},
 ): Promise<ArcaResult> {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--quiet", MAIN, ...args],
+  const [program, ...before] = options.command ?? defaultArcaCommand();
+  const out = await new Deno.Command(program, {
+    args: [...before, ...args],
     env: options.env,
     cwd: options.cwd,
     stdin: "null",
@@ -79,7 +88,7 @@ export async function runArca(
 /** Runs `arca <args>` and throws with its stderr unless it exits 0; returns stdout. */
 export async function arcaOk(
   args: string[],
-  options: { env?: Record<string, string> } = {},
+  options: { env?: Record<string, string>; command?: ArcaCommand } = {},
 ): Promise<string> {
   const result = await runArca(args, options);
   if (result.code !== 0) {
@@ -104,14 +113,18 @@ export function freePort(): number {
   return port;
 }
 
-/** Starts `arca serve --bind 127.0.0.1:<free port> <args>` and waits until it listens. */
+/**
+ * Starts `arca serve --bind 127.0.0.1:<free port> <args>` (with `command`, default
+ * {@link defaultArcaCommand}) and waits until it listens.
+ */
 export async function startServe(
   args: string[],
-  options: { env?: Record<string, string> } = {},
+  options: { env?: Record<string, string>; command?: ArcaCommand } = {},
 ): Promise<ArcaServer> {
   const port = freePort();
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--quiet", MAIN, "serve", "--bind", `127.0.0.1:${port}`, ...args],
+  const [program, ...before] = options.command ?? defaultArcaCommand();
+  const child = new Deno.Command(program, {
+    args: [...before, "serve", "--bind", `127.0.0.1:${port}`, ...args],
     env: options.env,
     stdin: "null",
     stdout: "piped",
@@ -171,15 +184,17 @@ export interface ArcaSwarm {
 }
 
 /**
- * Starts `arca <args>` (which should hold `swarm` and its options) and waits, at most 30 s,
+ * Starts `arca <args>` (which should hold `swarm` and its options; with `command`, default
+ * {@link defaultArcaCommand}) and waits, at most 30 s,
  * for its "Swarm node <id>" line: by then its sockets are bound and discovery has started.
  */
 export async function startSwarm(
   args: string[],
-  options: { env?: Record<string, string> } = {},
+  options: { env?: Record<string, string>; command?: ArcaCommand } = {},
 ): Promise<ArcaSwarm> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--quiet", MAIN, ...args],
+  const [program, ...before] = options.command ?? defaultArcaCommand();
+  const child = new Deno.Command(program, {
+    args: [...before, ...args],
     env: options.env,
     stdin: "null",
     stdout: "piped",
