@@ -14,6 +14,9 @@
  *   exponential backoff (1 s … 60 s). When both sides dialed at once, the session the
  *   smaller node id initiated stays; when the same side dials again, its new session
  *   replaces the old one (which the dialer has lost, even if we have not noticed yet).
+ * - Listener: at most 128 accepted connections (16 per address) may be waiting for their
+ *   hint and handshake (5 s each at most); more are closed at once. A failing accept (out
+ *   of file descriptors) is logged and retried, never the end of listening.
  * - Refusals: a peer that sends more than {@link REFUSED_LIMIT} hostile records (malformed,
  *   or with a trusted key's name on a signature that does not verify) is disconnected and
  *   ignored for 5 minutes. Records that are only not for this segment (signed by keys it
@@ -114,6 +117,13 @@ interface PeerState {
 
 /** Hostile records (see the module comment) tolerated before a peer is disconnected and banned. */
 export const REFUSED_LIMIT = 20;
+/**
+ * Most accepted connections still before their session (hint and handshake, 5 s each at
+ * most), in all and from one address; more are closed at once, so a flood of idle
+ * connections costs a bounded number of sockets.
+ */
+const MAX_PENDING = 128;
+const MAX_PENDING_PER_ADDRESS = 16;
 /** Most remembered ids per peer (32 bytes each); the set starts over when full. */
 const MAX_KNOWN_IDS = 100_000;
 const BAN_MS = 5 * 60 * 1000;
@@ -188,6 +198,11 @@ export class Swarm {
   #auditOffset = 0;
   #stopped = false;
   #tasks = new Set<Promise<unknown>>();
+  /** Accepted connections that have not become sessions yet, in all and per address. */
+  #pendingTotal = 0;
+  #pendingByAddress = new Map<string, number>();
+  #droppedPending = 0;
+  #droppedLoggedAt = 0;
   readonly nodeId: string;
 
   constructor(cache: Cache, options: SwarmOptions) {
@@ -359,10 +374,43 @@ export class Swarm {
       let conn: Deno.Conn;
       try {
         conn = await listener.accept();
-      } catch {
-        return; // closed
+      } catch (error) {
+        if (
+          this.#stopped || error instanceof Deno.errors.BadResource ||
+          error instanceof Deno.errors.Interrupted
+        ) {
+          return; // closed
+        }
+        // Transient (out of file descriptors, say): keep listening.
+        this.#options.log(`swarm: cannot accept a sync connection: ${(error as Error).message}`);
+        await new Promise((resolve) => setTimeout(resolve, 500));
+        continue;
       }
-      this.#track(this.#accept(conn));
+      const address = (conn.remoteAddr as Deno.NetAddr).hostname;
+      const fromAddress = this.#pendingByAddress.get(address) ?? 0;
+      if (this.#pendingTotal >= MAX_PENDING || fromAddress >= MAX_PENDING_PER_ADDRESS) {
+        try {
+          conn.close();
+        } catch { /* already closed */ }
+        this.#droppedPending++;
+        if (Date.now() - this.#droppedLoggedAt > 10_000) {
+          this.#droppedLoggedAt = Date.now();
+          this.#options.log(
+            `swarm: refused a sync connection from ${address}: too many connections before their handshake (${this.#droppedPending} refused so far)`,
+          );
+        }
+        continue;
+      }
+      this.#pendingTotal++;
+      this.#pendingByAddress.set(address, fromAddress + 1);
+      this.#track(
+        this.#accept(conn).finally(() => {
+          this.#pendingTotal--;
+          const left = this.#pendingByAddress.get(address)! - 1;
+          if (left === 0) this.#pendingByAddress.delete(address);
+          else this.#pendingByAddress.set(address, left);
+        }),
+      );
     }
   }
 
@@ -382,6 +430,11 @@ export class Swarm {
       });
       const peer = this.#peer(segment, formatBase16(channel.remoteStatic));
       if (Date.now() < peer.bannedUntil) {
+        this.#options.log(
+          `swarm: refused a sync connection from ${
+            peer.nodeId.slice(0, 16)
+          }: banned for sending refused records`,
+        );
         await channel.close();
         return;
       }
