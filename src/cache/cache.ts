@@ -145,6 +145,8 @@ export class Cache {
   #manifestCache = new BoundedCache<string, { manifest: Manifest; path: string; identity: string }>(
     MANIFEST_CACHE_LIMITS,
   );
+  /** Chunk file paths of manifests, in manifest order (computed once per manifest object). */
+  #chunkPaths = new WeakMap<Manifest, string[]>();
 
   private constructor(cacheDir: string, backend: MetadataBackend, metadata: MetadataStore) {
     this.cacheDir = cacheDir;
@@ -543,15 +545,17 @@ export class Cache {
    * {@link STAT_BATCH} chunks.
    */
   async missingChunks(manifest: Manifest): Promise<string[]> {
-    const sizes = new Map<string, number>();
-    for (const chunk of manifest.chunks) sizes.set(chunk.id, chunk.storedSize);
+    const paths = this.#chunkPathsOf(manifest);
+    const seen = new Set<string>();
     const missing: string[] = [];
-    let checked = 0;
-    for (const [id, size] of sizes) {
-      if (++checked % STAT_BATCH === 0) await new Promise((resolve) => setTimeout(resolve, 0));
+    for (let i = 0; i < paths.length; i++) {
+      const { id, storedSize: size } = manifest.chunks[i];
+      if (seen.has(id)) continue;
+      seen.add(id);
+      if (seen.size % STAT_BATCH === 0) await new Promise((resolve) => setTimeout(resolve, 0));
       let info: Deno.FileInfo;
       try {
-        info = Deno.lstatSync(this.chunks.chunkPath(id, manifest.compression));
+        info = Deno.lstatSync(paths[i]);
       } catch (error) {
         if (!(error instanceof Deno.errors.NotFound)) throw error;
         missing.push(id);
@@ -577,7 +581,7 @@ export class Cache {
     manifest: Manifest,
     range: { start: number; end: number } = { start: 0, end: manifest.fileSize },
   ): ReadableStream<Uint8Array> {
-    const chunks = this.chunks;
+    const paths = this.#chunkPathsOf(manifest);
     const entries = manifest.chunks;
     let index = 0;
     let chunkStart = 0;
@@ -607,7 +611,7 @@ export class Cache {
         let offset = 0;
         for (; index <= last; index++) {
           const entry = entries[index];
-          const path = chunks.chunkPath(entry.id, manifest.compression);
+          const path = paths[index];
           const from = Math.max(range.start - chunkStart, 0);
           const to = Math.min(range.end - chunkStart, entry.storedSize);
           if (from === 0 && to === entry.storedSize) {
@@ -623,6 +627,16 @@ export class Cache {
         controller.enqueue(piece);
       },
     }, { highWaterMark: 1 });
+  }
+
+  /** The chunk files of a manifest, in order (remembered for cached manifests). */
+  #chunkPathsOf(manifest: Manifest): string[] {
+    let paths = this.#chunkPaths.get(manifest);
+    if (paths === undefined) {
+      paths = manifest.chunks.map((chunk) => this.chunks.chunkPath(chunk.id, manifest.compression));
+      this.#chunkPaths.set(manifest, paths);
+    }
+    return paths;
   }
 
   /**

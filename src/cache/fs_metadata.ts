@@ -61,7 +61,7 @@ export const FILE_HASH_INDEX_DIR = "by-file-hash";
 const STALE_TEMP_MS = 60 * 60 * 1000;
 
 /** Limits of the in-process record cache: entries, and characters of narinfo text. */
-const CACHE_LIMITS = { maxEntries: 8192, maxWeight: 16 * 1024 * 1024 };
+const CACHE_LIMITS = { maxEntries: 8192, maxWeight: 8 * 1024 * 1024 };
 
 const NARINFO_NAME_RE = /^([0-9a-df-np-sv-z]{32})\.narinfo$/;
 const TEMP_NAME_RE = /^\.[0-9a-df-np-sv-z]{32}\.[0-9a-f]+\.tmp$/;

@@ -87,7 +87,7 @@ const MAX_COMMIT_ROUNDS = 1000;
 const NOT_LATIN1_RE = /[\u0100-\uffff]/; // any UTF-16 code unit above Latin-1
 const TOKEN_BYTES = 16;
 /** Limits of the in-process record cache: entries, and characters of narinfo text. */
-const CACHE_LIMITS = { maxEntries: 8192, maxWeight: 16 * 1024 * 1024 };
+const CACHE_LIMITS = { maxEntries: 8192, maxWeight: 8 * 1024 * 1024 };
 
 interface Head {
   narinfo: string;

@@ -215,8 +215,16 @@ export function fileHashKey(fileHash: string): string {
   if (typeof fileHash !== "string") {
     throw new FormatError(`Invalid FileHash: expected a string, got ${typeof fileHash}`);
   }
+  // Already `sha256:<nix32>` (every request for a NAR): no need to decode and encode.
+  if (CANONICAL_SHA256_RE.test(fileHash)) return fileHash.slice("sha256:".length);
   return normalizeNixHash(fileHash).slice("sha256:".length);
 }
+
+/**
+ * A SHA-256 as `sha256:<nix32>`, exactly as {@link normalizeNixHash} writes it: 52 nix32
+ * digits, the first one 0 or 1 (52 digits hold 260 bits, of which the top 4 are zero).
+ */
+const CANONICAL_SHA256_RE = /^sha256:[01][0-9a-df-np-sv-z]{51}$/;
 
 /**
  * Parses stored narinfo text back into a record, checking that it belongs to `hashPart`.

@@ -68,7 +68,7 @@ export interface HandlerOptions {
 export type Handler = ((request: Request) => Promise<Response>) & { close(): Promise<void> };
 
 /** Limits of the cache of narinfos as served: entries, bytes. */
-const SERVED_CACHE_LIMITS = { maxEntries: 8192, maxWeight: 16 * 1024 * 1024 };
+const SERVED_CACHE_LIMITS = { maxEntries: 8192, maxWeight: 8 * 1024 * 1024 };
 
 const MAX_PATH_LENGTH = 512;
 const SAFE_PATH = /^\/[A-Za-z0-9._+=\/-]*$/;
