@@ -121,7 +121,7 @@ export interface StoredNar {
  * Uncompressed bytes of chunks an import keeps in flight (being compressed and written)
  * before it waits for the oldest: bounds memory while keeping both cores busy.
  */
-const IMPORT_WINDOW_BYTES = 8 * 1024 * 1024;
+const IMPORT_WINDOW_BYTES = 12 * 1024 * 1024;
 
 /** Most bytes of one piece of {@link Cache.openStoredNar}'s stream (unless one chunk is larger). */
 const PIECE_BYTES = 256 * 1024;
@@ -331,7 +331,7 @@ export class Cache {
     compressor: ChunkCompressor,
     target: ChunkStore,
   ): Promise<{ manifest: Manifest; newChunks: number; newStoredBytes: number }> {
-    const BATCH_BYTES = 1024 * 1024;
+    const BATCH_BYTES = 2 * 1024 * 1024;
     const BATCH_CAPACITY = BATCH_BYTES + 256 * 1024;
     const narHash = createSha256();
     const fileHash = createSha256();

@@ -382,12 +382,11 @@ function sleb(value: number): number[] {
  *
  * ```
  * (func (param $base i32) (param $from i32) (param $to i32) (param $large i32) (result i32)
- *   (local $h i64) (local $i i32) (local $a i32) (local $m i64) (local $mls i64)
+ *   (local $h i64) (local $a i32) (local $end i32) (local $m i64) (local $mls i64)
  *   h = load64(STATE); m = load64(MASKS + 16 large); mls = load64(MASKS + 8 + 16 large)
- *   for (i = from; i < to; i++) {
- *     a = base + 2 i
- *     h = (h << 2) + load64(GEAR_LS + 8 load8(a));   if (h & mls) == 0: store h; return 2 i
- *     h = h + load64(GEAR + 8 load8(a + 1));         if (h & m) == 0: store h; return 2 i + 1
+ *   for (a = base + 2 from, end = base + 2 to; a < end; a += 2) {
+ *     h = (h << 2) + load64(GEAR_LS + 8 load8(a));   if (h & mls) == 0: store h; return a - base
+ *     h = h + load64(GEAR + 8 load8(a + 1));         if (h & m) == 0: store h; return a - base + 1
  *   }
  *   store64(STATE, h); return -1
  * ```
@@ -395,7 +394,7 @@ function sleb(value: number): number[] {
 function scanModuleBytes(): Uint8Array<ArrayBuffer> {
   const I32 = 0x7f;
   const I64 = 0x7e;
-  const [base, from, to, large, h, i, a, m, mls] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
+  const [base, from, to, large, h, a, end, m, mls] = [0, 1, 2, 3, 4, 5, 6, 7, 8];
   const get = (x: number) => [0x20, x];
   const set = (x: number) => [0x21, x];
   const tee = (x: number) => [0x22, x];
@@ -404,8 +403,9 @@ function scanModuleBytes(): Uint8Array<ArrayBuffer> {
   const load64 = (offset: number) => [0x29, 3, ...uleb(offset)];
   const store64 = (offset: number) => [0x37, 3, ...uleb(offset)];
   const load8 = (offset: number) => [0x2d, 0, ...uleb(offset)];
-  const [I32_ADD, I32_SHL, I32_GE_U, I64_SHL, I64_ADD, I64_AND, I64_EQZ] = [
+  const [I32_ADD, I32_SUB, I32_SHL, I32_GE_U, I64_SHL, I64_ADD, I64_AND, I64_EQZ] = [
     0x6a,
+    0x6b,
     0x74,
     0x4f,
     0x86,
@@ -424,8 +424,9 @@ function scanModuleBytes(): Uint8Array<ArrayBuffer> {
     0x40,
   ];
   const saveState = [...i32(0), ...get(h), ...store64(WASM_STATE)];
+  const offsetOfA = [...get(a), ...get(base), I32_SUB];
   const body = [
-    ...[3, 1, I64, 2, I32, 2, I64], // locals: h; i, a; m, mls
+    ...[3, 1, I64, 2, I32, 2, I64], // locals: h; a, end; m, mls
     ...i32(0),
     ...load64(WASM_STATE),
     ...set(h),
@@ -439,20 +440,19 @@ function scanModuleBytes(): Uint8Array<ArrayBuffer> {
     I32_SHL,
     ...load64(WASM_MASKS + 8),
     ...set(mls),
-    ...get(from),
-    ...set(i),
+    ...[...get(base), ...get(from), ...i32(1), I32_SHL, I32_ADD, ...set(a)],
+    ...[...get(base), ...get(to), ...i32(1), I32_SHL, I32_ADD, ...set(end)],
     ...[BLOCK, VOID, LOOP, VOID],
-    ...[...get(i), ...get(to), I32_GE_U, BR_IF, 1],
-    ...[...get(base), ...get(i), ...i32(1), I32_SHL, I32_ADD, ...set(a)],
+    ...[...get(a), ...get(end), I32_GE_U, BR_IF, 1],
     ...[...get(h), ...i64(2), I64_SHL],
     ...[...get(a), ...load8(0), ...i32(3), I32_SHL, ...load64(WASM_GEAR_LS), I64_ADD, ...tee(h)],
     ...[...get(mls), I64_AND, I64_EQZ, IF, VOID],
-    ...[...saveState, ...get(i), ...i32(1), I32_SHL, RETURN, END],
+    ...[...saveState, ...offsetOfA, RETURN, END],
     ...get(h),
     ...[...get(a), ...load8(1), ...i32(3), I32_SHL, ...load64(WASM_GEAR), I64_ADD, ...tee(h)],
     ...[...get(m), I64_AND, I64_EQZ, IF, VOID],
-    ...[...saveState, ...get(i), ...i32(1), I32_SHL, ...i32(1), I32_ADD, RETURN, END],
-    ...[...get(i), ...i32(1), I32_ADD, ...set(i), BR, 0],
+    ...[...saveState, ...offsetOfA, ...i32(1), I32_ADD, RETURN, END],
+    ...[...get(a), ...i32(2), I32_ADD, ...set(a), BR, 0],
     ...[END, END],
     ...saveState,
     ...i32(-1),
@@ -541,6 +541,12 @@ function jsScanner(p: Params, capacity: number): Scanner {
   };
 }
 
+/** Settings of {@link StreamChunker} that do not change its chunks. */
+export interface StreamChunkerTuning {
+  /** Run the scan loop in WebAssembly (default true); false: in plain JavaScript. */
+  webAssembly?: boolean;
+}
+
 /**
  * Streaming FastCDC v2020: push bytes in pieces of any size, get complete chunks back. The
  * boundaries are identical to {@link cutPoints} over the concatenation of everything pushed.
@@ -572,10 +578,14 @@ export class StreamChunker {
   #finished = false;
 
   /** Creates a chunker; options as for {@link cutPoints}. */
-  constructor(options: ChunkerOptions = DEFAULT_CHUNKER_OPTIONS) {
+  constructor(
+    options: ChunkerOptions = DEFAULT_CHUNKER_OPTIONS,
+    tuning: StreamChunkerTuning = {},
+  ) {
     this.#p = paramsFor(options);
     const capacity = this.#p.max + Math.max(this.#p.max, 1 << 20);
-    this.#scanner = wasmScanner(this.#p, capacity) ?? jsScanner(this.#p, capacity);
+    this.#scanner = (tuning.webAssembly === false ? null : wasmScanner(this.#p, capacity)) ??
+      jsScanner(this.#p, capacity);
     this.#buf = this.#scanner.buf;
     this.#pair = Math.floor(this.#p.min / 2);
   }

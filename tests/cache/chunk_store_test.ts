@@ -2,8 +2,15 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { FormatError, NotFoundError } from "../../src/errors.ts";
-import { ChunkStore, validateChunkId } from "../../src/cache/chunk_store.ts";
-import { compressChunk, decompressChunk } from "../../src/cache/compression.ts";
+import {
+  ChunkBatchStorer,
+  ChunkFileCommitter,
+  ChunkStore,
+  linkTemporaryFiles,
+  syncFilesystem,
+  validateChunkId,
+} from "../../src/cache/chunk_store.ts";
+import { compressChunk, decompressChunk, FOUND_NEW } from "../../src/cache/compression.ts";
 
 const REPO_ROOT = new URL("../../", import.meta.url);
 
@@ -232,5 +239,170 @@ Deno.test("concurrent puts of the same ids from two processes: both succeed, one
       const data = new TextEncoder().encode(`shared chunk ${n} `.repeat(500));
       assert.deepEqual(await store.read(sha256Hex(data), "none"), data);
     }
+  });
+});
+
+/** Chunks back to back in one buffer, and their lengths. */
+function batchOf(chunks: Uint8Array[]): { data: Uint8Array; lengths: Uint32Array } {
+  const data = new Uint8Array(chunks.reduce((sum, c) => sum + c.length, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    data.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return { data, lengths: Uint32Array.from(chunks, (c) => c.length) };
+}
+
+/** The frames of a stored batch, one per chunk. */
+function framesOf(stored: { frames: ArrayBuffer; frameLengths: ArrayBuffer }): Uint8Array[] {
+  const lengths = new Uint32Array(stored.frameLengths);
+  const frames: Uint8Array[] = [];
+  let offset = 0;
+  for (const length of lengths) {
+    frames.push(new Uint8Array(stored.frames, offset, length));
+    offset += length;
+  }
+  return frames;
+}
+
+Deno.test("ChunkBatchStorer: ids, stored chunks reused from the first root that has them, new ones as temporary files", async () => {
+  await withStore(async (store, cacheDir) => {
+    const staging = new ChunkStore(join(cacheDir, "staging"));
+    const [a, b, c, d] = [1, 2, 3, 4].map(chunkData);
+    const ids = [a, b, c, d].map(sha256Hex);
+    await store.put(ids[0], compressChunk(a, "zstd"), "zstd");
+    await staging.put(ids[1], compressChunk(b, "zstd"), "zstd");
+    const storer = new ChunkBatchStorer("zstd");
+    const target = { lookIn: [store.root, staging.root], writeTo: staging.root, tmpSuffix: "s1" };
+    const { data, lengths } = batchOf([a, b, c, d, c]);
+    const stored = storer.store(data, lengths, target);
+    assert.equal(stored.ids, [...ids, ids[2]].join(""));
+    assert.deepEqual([...new Uint8Array(stored.found)], [0, 1, FOUND_NEW, FOUND_NEW, FOUND_NEW]);
+    const frames = framesOf(stored);
+    assert.deepEqual(frames.map((f) => decompressChunk(f, "zstd")), [a, b, c, d, c]);
+    assert.deepEqual(frames[0], await store.read(ids[0], "zstd"));
+    assert.deepEqual(frames[4], frames[2], "a repeated chunk has the bytes of its file");
+    // new chunks are temporary files in the staging store, once each
+    const files = await listFiles(staging.root);
+    assert.deepEqual(
+      files,
+      [
+        `${ids[1].slice(0, 2)}/${ids[1]}.zst`,
+        `${ids[2].slice(0, 2)}/${ids[2]}.zst.tmp-s1`,
+        `${ids[3].slice(0, 2)}/${ids[3]}.zst.tmp-s1`,
+      ].sort(),
+    );
+    assert.equal(await staging.has(ids[2], "zstd"), false, "not visible before its link");
+    // a round links one meanwhile: the repeat is read from the final name
+    linkTemporaryFiles([
+      `${staging.chunkPath(ids[2], "zstd")}.tmp-s1`,
+      staging.chunkPath(ids[2], "zstd"),
+    ]);
+    const next = batchOf([c, d]);
+    const again = storer.store(next.data, next.lengths, target, stored.frames);
+    assert.deepEqual([...new Uint8Array(again.found)], [1, FOUND_NEW]);
+    assert.deepEqual(framesOf(again), [frames[2], frames[3]]);
+    // a new import (another suffix) compresses nothing it can find
+    const fresh = storer.store(next.data, next.lengths, { ...target, tmpSuffix: "s2" });
+    assert.deepEqual([...new Uint8Array(fresh.found)], [1, FOUND_NEW]);
+    assert.ok((await listFiles(staging.root)).some((f) => f.endsWith(".tmp-s2")));
+  });
+});
+
+Deno.test("ChunkBatchStorer: raw and xz chunks, and a batch larger than its spare buffer", async () => {
+  await withStore(async (store) => {
+    for (const compression of ["none", "xz"] as const) {
+      const chunks = [5, 6, 7].map(chunkData);
+      const storer = new ChunkBatchStorer(compression);
+      const { data, lengths } = batchOf(chunks);
+      const stored = storer.store(data, lengths, {
+        lookIn: [store.root],
+        writeTo: store.root,
+        tmpSuffix: compression,
+      }, new ArrayBuffer(10));
+      assert.deepEqual(framesOf(stored).map((f) => decompressChunk(f, compression)), chunks);
+      const files = await listFiles(store.root);
+      assert.equal(files.filter((f) => f.endsWith(`.tmp-${compression}`)).length, 3);
+    }
+  });
+});
+
+Deno.test("linkTemporaryFiles: creates final names once, removes the temporary ones", async () => {
+  await withStore(async (store) => {
+    const data = chunkData(8);
+    const id = sha256Hex(data);
+    const path = store.chunkPath(id, "none");
+    await Deno.mkdir(join(store.root, id.slice(0, 2)), { recursive: true });
+    await Deno.writeFile(`${path}.tmp-a`, data);
+    await Deno.writeFile(`${path}.tmp-b`, data);
+    const created = linkTemporaryFiles([`${path}.tmp-a`, path, `${path}.tmp-b`, path]);
+    assert.deepEqual([...created], [1, 0]);
+    assert.deepEqual(await listFiles(store.root), [`${id.slice(0, 2)}/${id}.raw`]);
+    assert.deepEqual(await store.read(id, "none"), data);
+  });
+});
+
+Deno.test("syncFilesystem flushes the filesystem of a path (syncfs on Linux)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "arca-syncfs-" });
+  try {
+    const flushed = await syncFilesystem(dir);
+    assert.equal(typeof flushed, "boolean");
+    if (Deno.build.os === "linux") assert.equal(flushed, true);
+    assert.equal(await syncFilesystem(join(dir, "missing")), false);
+    if (Deno.build.os === "linux") assert.equal(await syncFilesystem(dir), true, "still works");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** Writes `count` temporary chunk files (raw) and returns [temporary, final, size] each. */
+async function writeTemporaries(
+  store: ChunkStore,
+  count: number,
+  suffix: string,
+): Promise<[string, string, number][]> {
+  const out: [string, string, number][] = [];
+  for (let n = 0; n < count; n++) {
+    const data = chunkData(100 + n);
+    const id = sha256Hex(data);
+    const path = store.chunkPath(id, "none");
+    await Deno.mkdir(join(store.root, id.slice(0, 2)), { recursive: true });
+    await Deno.writeFile(`${path}.tmp-${suffix}`, data);
+    out.push([`${path}.tmp-${suffix}`, path, data.length]);
+  }
+  return out;
+}
+
+Deno.test("ChunkFileCommitter: a few files the fsync way, many in rounds; counts what it created", async () => {
+  await withStore(async (store) => {
+    for (const [count, options] of [[3, {}], [40, { roundBytes: 2000 }], [40, {}]] as const) {
+      const files = await writeTemporaries(store, count, `c${count}${Object.keys(options)}`);
+      // one of them exists already (another importer linked it first)
+      await Deno.link(files[0][0], files[0][1]).catch(() => {});
+      const committer = new ChunkFileCommitter(store.root, options);
+      for (const [temporary, path, size] of files) {
+        committer.add(temporary, path, size);
+        committer.add(temporary, path, size); // reported twice: counted once
+      }
+      const { created, createdBytes } = await committer.commit();
+      const expected = files.slice(1).filter(([, path]) => path !== files[0][1]);
+      assert.equal(created, expected.length);
+      assert.equal(createdBytes, expected.reduce((sum, [, , size]) => sum + size, 0));
+      assert.equal(committer.pending, 0);
+      const left = await listFiles(store.root);
+      assert.ok(!left.some((f) => f.includes(".tmp-")), "no temporary files left");
+      for (const [, path] of files) await Deno.lstat(path);
+      for (const [, path] of files) await Deno.remove(path); // the next case uses the same ids
+    }
+  });
+});
+
+Deno.test("ChunkFileCommitter: abort removes the files not linked yet", async () => {
+  await withStore(async (store) => {
+    const files = await writeTemporaries(store, 5, "abort");
+    const committer = new ChunkFileCommitter(store.root);
+    for (const [temporary, path, size] of files) committer.add(temporary, path, size);
+    await committer.abort();
+    assert.deepEqual(await listFiles(store.root), []);
   });
 });

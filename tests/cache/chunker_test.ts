@@ -48,8 +48,13 @@ function expectedEnds(c: VectorCase): number[] {
 }
 
 /** Chunks by streaming `data` in pieces whose sizes come from `sizes()`. */
-function streamEnds(data: Uint8Array, options: ChunkerOptions, sizes: () => number): number[] {
-  const chunker = new StreamChunker(options);
+function streamEnds(
+  data: Uint8Array,
+  options: ChunkerOptions,
+  sizes: () => number,
+  webAssembly = true,
+): number[] {
+  const chunker = new StreamChunker(options, { webAssembly });
   const ends: number[] = [];
   let end = 0;
   const collect = (chunks: Uint8Array[]) => {
@@ -261,4 +266,37 @@ Deno.test("invalid chunker options are rejected", () => {
     assert.throws(() => cutPoints(new Uint8Array(10), options), RangeError);
     assert.throws(() => new StreamChunker(options), RangeError);
   }
+});
+
+Deno.test("StreamChunker: the JavaScript scan loop cuts where the WebAssembly one does", () => {
+  const data = mixedData(3_000_000, 9);
+  const small: ChunkerOptions = { minSize: 2048, avgSize: 8192, maxSize: 32768 };
+  for (const options of [DEFAULT_CHUNKER_OPTIONS, small]) {
+    const next = rng(77);
+    assert.deepEqual(
+      streamEnds(data, options, () => 1 + ((next() * 200_000) | 0), false),
+      cutPoints(data, options),
+    );
+  }
+});
+
+Deno.test("StreamChunker: pushTo hands out views of the same chunks push copies", () => {
+  const data = mixedData(2_500_000, 4);
+  const copies = new StreamChunker();
+  const views = new StreamChunker();
+  const expected: Uint8Array[] = [];
+  const seen: Uint8Array[] = [];
+  for (let offset = 0; offset < data.length; offset += 333_333) {
+    const piece = data.subarray(offset, offset + 333_333);
+    expected.push(...copies.push(piece));
+    views.pushTo(piece, (chunk) => {
+      assert.ok(chunk.buffer !== piece.buffer, "a view of the chunker's buffer, not the input");
+      seen.push(chunk.slice());
+    });
+  }
+  expected.push(...copies.finish());
+  views.finishTo((chunk) => seen.push(chunk.slice()));
+  assert.deepEqual(seen, expected);
+  assert.equal(seen.reduce((sum, c) => sum + c.length, 0), data.length);
+  views.finishTo(() => assert.fail("finish twice emits nothing"));
 });

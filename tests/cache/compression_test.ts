@@ -1,14 +1,19 @@
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import zlib from "node:zlib";
 import { FormatError, IntegrityError } from "../../src/errors.ts";
 import {
   type ChunkCompression,
   ChunkCompressor,
   chunkFileExtension,
   compressChunk,
+  compressZstdInto,
   decompressChunk,
+  FOUND_NEW,
   narFileExtension,
   nixCompressionName,
   parseChunkCompression,
+  zstdBound,
 } from "../../src/cache/compression.ts";
 import { StreamChunker } from "../../src/cache/chunker.ts";
 
@@ -339,3 +344,96 @@ Deno.test("ChunkCompressor: Workers retired when idle are respawned on demand", 
     await new Promise((resolve) => setTimeout(resolve, 30));
   }
 });
+
+Deno.test("zstd chunks are byte for byte those of zstdCompressSync, in place or not", () => {
+  const next = rng(21);
+  const inputs = [
+    new Uint8Array(0),
+    new Uint8Array([1]),
+    sampleData(16_384, 22),
+    Uint8Array.from({ length: 70_000 }, () => next() * 256),
+    new Uint8Array(262_144),
+    sampleData(262_144, 23),
+  ];
+  for (const level of [1, 3, 9, 19]) {
+    for (const input of inputs) {
+      const reference = zlib.zstdCompressSync(input, {
+        params: {
+          [zlib.constants.ZSTD_c_compressionLevel]: level,
+          [zlib.constants.ZSTD_c_contentSizeFlag]: 1,
+          [zlib.constants.ZSTD_c_checksumFlag]: 0,
+        },
+        pledgedSrcSize: input.length,
+        chunkSize: zstdBound(input.length),
+      } as zlib.ZstdOptions);
+      const frame = compressChunk(input, "zstd", { level });
+      // zstdCompressSync may add an empty frame (9 bytes) that compressChunk drops
+      assert.deepEqual(frame, new Uint8Array(reference.subarray(0, frame.length)));
+      assert.ok(reference.length === frame.length || reference.length === frame.length + 9);
+      const out = new Uint8Array(zstdBound(input.length) + 100).fill(0xee);
+      const length = compressZstdInto(input, level, out, 100);
+      assert.deepEqual(out.subarray(100, 100 + length), frame, `level ${level}, ${input.length}`);
+      assert.ok(out.subarray(0, 100).every((b) => b === 0xee), "nothing written before offset");
+    }
+  }
+});
+
+/** Chunks of `data` back to back in one ArrayBuffer, and their lengths. */
+function batchOf(chunks: Uint8Array[]): { data: ArrayBuffer; lengths: Uint32Array } {
+  const data = concat(chunks);
+  return { data: data.buffer as ArrayBuffer, lengths: Uint32Array.from(chunks, (c) => c.length) };
+}
+
+for (const workers of [2, 0]) {
+  Deno.test(`ChunkCompressor.storeBatch and linkFiles with ${workers} Workers`, async () => {
+    const root = await Deno.makeTempDir({ prefix: "arca-store-batch-" });
+    using compressor = new ChunkCompressor({ compression: "zstd", workers });
+    try {
+      const text = sampleData(400_000, 31);
+      const chunks = chunksOf(text);
+      chunks.push(chunks[0], chunks[1]); // repeated within the batch
+      const ids = chunks.map((c) => createHash("sha256").update(c).digest("hex"));
+      const target = { lookIn: [root], writeTo: root, tmpSuffix: "t1" };
+      const { data, lengths } = batchOf(chunks);
+      const size = data.byteLength;
+      const { batch, data: back } = await compressor.storeBatch(data, lengths, target);
+      assert.equal(back.byteLength, size, "the batch buffer comes back for reuse");
+      assert.equal(batch.ids, ids.join(""));
+      const frameLengths = new Uint32Array(batch.frameLengths);
+      const found = new Uint8Array(batch.found);
+      assert.ok(found.every((f) => f === FOUND_NEW));
+      let offset = 0;
+      const pairs: string[] = [];
+      for (let i = 0; i < chunks.length; i++) {
+        const frame = new Uint8Array(batch.frames, offset, frameLengths[i]);
+        offset += frameLengths[i];
+        assert.deepEqual(decompressChunk(frame, "zstd"), chunks[i]);
+        const path = `${root}/${ids[i].slice(0, 2)}/${ids[i]}.zst`;
+        const temporary = `${path}.tmp-${batch.tmpSuffix}`;
+        assert.ok(batch.tmpSuffix.startsWith("t1-"), batch.tmpSuffix);
+        assert.deepEqual(await Deno.readFile(temporary), frame);
+        if (!pairs.includes(temporary)) pairs.push(temporary, path);
+      }
+      const created = await compressor.linkFiles(pairs);
+      assert.deepEqual([...created], pairs.filter((_, i) => i % 2 === 0).map(() => 1));
+      // a second import finds them all
+      const again = batchOf(chunks);
+      const second = await compressor.storeBatch(again.data, again.lengths, {
+        ...target,
+        tmpSuffix: "t2",
+      });
+      assert.ok(new Uint8Array(second.batch.found).every((f) => f === 0));
+      assert.deepEqual(
+        new Uint8Array(second.batch.frames, 0, offset),
+        new Uint8Array(batch.frames, 0, offset),
+      );
+      for await (const dir of Deno.readDir(root)) {
+        for await (const file of Deno.readDir(`${root}/${dir.name}`)) {
+          assert.ok(!file.name.includes(".tmp-"), `no temporary file left: ${file.name}`);
+        }
+      }
+    } finally {
+      await Deno.remove(root, { recursive: true });
+    }
+  });
+}

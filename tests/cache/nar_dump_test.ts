@@ -17,6 +17,22 @@ async function collectChunks(stream: ReadableStream<Uint8Array>): Promise<Uint8A
   return chunks;
 }
 
+/** Reads a byte stream with a BYOB reader into one reused buffer of `viewSize` bytes. */
+async function readByob(stream: ReadableStream<Uint8Array>, viewSize: number): Promise<Uint8Array> {
+  const reader = stream.getReader({ mode: "byob" });
+  const parts: Uint8Array[] = [];
+  let buffer = new ArrayBuffer(viewSize);
+  for (;;) {
+    const { value, done } = await reader.read(new Uint8Array(buffer));
+    if (done) break;
+    assert.ok(value.length > 0 && value.length <= viewSize);
+    parts.push(value.slice());
+    buffer = value.buffer as ArrayBuffer;
+    new Uint8Array(buffer).fill(0xee); // the reader reuses its buffer
+  }
+  return concat(parts);
+}
+
 function concat(chunks: Uint8Array[]): Uint8Array {
   const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
   let at = 0;
@@ -49,6 +65,14 @@ async function assertDumpsLikeNix(path: string, bufferSizes: (number | undefined
       if (i < chunks.length - 1) assert.equal(chunk.length, size, `chunk ${i} of ${path}`);
       else assert.ok(chunk.length > 0 && chunk.length <= size, `last chunk of ${path}`);
     });
+    const small = expected.length < 100_000 ? [1, 7] : [4093];
+    for (const viewSize of new Set([...small, size, 3 * size + 5, 1 << 20])) {
+      assertSameBytes(
+        await readByob(dumpNar(path, { bufferSize }), viewSize),
+        expected,
+        `dumpNar(${path}, ${bufferSize}) read into ${viewSize}-byte views`,
+      );
+    }
   }
   // Nix's own dump is a valid NAR for our parser, too.
   const parser = new NarParser();

@@ -156,6 +156,40 @@ Deno.test("NarWriter hands out full chunks and copies contents straight into the
   assert.throws(() => writer.finish(), /4 bytes of contents missing/);
 });
 
+Deno.test("NarWriter reuses recycled chunks and ignores what is not its own chunk", () => {
+  const contents = new Uint8Array(5000).map((_, i) => (i * 7) & 0xff);
+  const writer = new NarWriter({ chunkSize: 256 });
+  writer.regular(contents.length);
+  const out: Uint8Array[] = [];
+  const buffers = new Set<ArrayBufferLike>();
+  let done = 0;
+  while (writer.contentsLeft > 0) {
+    const target = writer.contentsBuffer();
+    const take = Math.min(target.length, 100);
+    target.set(contents.subarray(done, done + take));
+    writer.commitContents(take);
+    done += take;
+    for (const chunk of writer.takeChunks()) {
+      out.push(chunk.slice());
+      buffers.add(chunk.buffer);
+      chunk.fill(0xee); // the consumer is done with it...
+      writer.recycle(chunk); // ...and gives it back
+      writer.recycle(chunk); // twice is ignored
+    }
+    writer.recycle(new Uint8Array(256)); // not one of its chunks: a fresh buffer is fine too
+    writer.recycle(new Uint8Array(300)); // wrong size: ignored
+  }
+  out.push(...writer.finish());
+  const bytes = new Uint8Array(out.reduce((n, c) => n + c.length, 0));
+  let offset = 0;
+  for (const c of out) {
+    bytes.set(c, offset);
+    offset += c.length;
+  }
+  assert.deepEqual(bytes, encodeNar({ type: "regular", contents }));
+  assert.ok(buffers.size < out.length / 2, `${buffers.size} buffers for ${out.length} chunks`);
+});
+
 Deno.test("compareNarNames orders by bytes, not UTF-16 code units", () => {
   const names = ["😀", "～", "a", "B", "a.b", "a-b", "ab", "10", "9", "é"];
   const sorted = names.map((n) => te.encode(n)).sort(compareNarNames).map((b) =>
