@@ -1,17 +1,84 @@
 /**
  * `arca serve`: the HTTP substituter on `--bind` (default 127.0.0.1:5555) until SIGINT or
- * SIGTERM.
+ * SIGTERM, importing what the post-build hook spools. {@link startSubstituter} is shared
+ * with `arca swarm --also-serve`.
  * @module
  */
 
 import type { Command } from "commander";
-import { parseBindAddress } from "../config.ts";
 import { join } from "node:path";
+import type { Cache } from "../cache/cache.ts";
 import { startSpoolDrainer } from "../cache/spool.ts";
+import type { SecretKey } from "../cache/signing.ts";
+import { type BindAddress, parseBindAddress, type Settings } from "../config.ts";
 import { readTokenFile } from "../net/auth.ts";
-import { segmentChooser } from "./import.ts";
 import { createHandler } from "../net/server.ts";
 import { type GlobalOptions, openCache, settingsOf, signingKeyOf } from "./common.ts";
+import { segmentChooser } from "./import.ts";
+
+/** A running substituter. */
+export interface Substituter {
+  server: Deno.HttpServer;
+  /** Stops serving, writes pending serve records, stops draining the spool. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts the substituter on `address` with the settings' tokens (uploads, reads) and
+ * signing key, and the spool drainer of the post-build hook.
+ */
+export async function startSubstituter(
+  cache: Cache,
+  settings: Settings,
+  options: { address: BindAddress; signingKey?: SecretKey; verbose: boolean },
+): Promise<Substituter> {
+  const log = (message: string) => console.error(message);
+  const uploadToken = settings.uploadTokenFile === undefined
+    ? undefined
+    : await readTokenFile(settings.uploadTokenFile);
+  const readToken = settings.readTokenFile === undefined
+    ? undefined
+    : await readTokenFile(settings.readTokenFile);
+  const handler = createHandler(cache, {
+    priority: settings.priority,
+    signingKey: options.signingKey,
+    log,
+    logRequests: options.verbose,
+    readToken,
+    upload: uploadToken === undefined ? undefined : {
+      token: uploadToken,
+      compression: settings.compression,
+      segments: settings.segments,
+    },
+  });
+  const server = Deno.serve({
+    hostname: options.address.hostname,
+    port: options.address.port,
+    onListen: (address) => {
+      const host = address.hostname.includes(":") ? `[${address.hostname}]` : address.hostname;
+      console.log(`Serving ${settings.cacheDir} on http://${host}:${address.port}`);
+    },
+  }, handler);
+  // Paths the post-build hook spooled (arca install-hook) are imported as they come.
+  const drainer = startSpoolDrainer(cache, join(settings.cacheDir, "spool"), {
+    compression: settings.compression,
+    signingKey: options.signingKey,
+    segmentOf: segmentChooser(settings),
+    log,
+  });
+  let stopped: Promise<void> | undefined;
+  return {
+    server,
+    stop() {
+      stopped ??= (async () => {
+        await server.shutdown();
+        await handler.close();
+        await drainer.stop();
+      })();
+      return stopped;
+    },
+  };
+}
 
 /** Registers `serve`. */
 export function registerServe(program: Command): void {
@@ -39,51 +106,17 @@ export function registerServe(program: Command): void {
         const settings = await settingsOf(command, flags);
         const verbose = (command.optsWithGlobals() as GlobalOptions).verbose === true;
         const signingKey = await signingKeyOf(settings);
-        const { hostname, port } = parseBindAddress(settings.bind);
-        const uploadToken = settings.uploadTokenFile === undefined
-          ? undefined
-          : await readTokenFile(settings.uploadTokenFile);
-        const readToken = settings.readTokenFile === undefined
-          ? undefined
-          : await readTokenFile(settings.readTokenFile);
+        const address = parseBindAddress(settings.bind);
         const cache = await openCache(settings);
-        // Paths the post-build hook spooled (arca install-hook) are imported as they come.
-        const drainer = startSpoolDrainer(cache, join(settings.cacheDir, "spool"), {
-          compression: settings.compression,
-          signingKey,
-          segmentOf: segmentChooser(settings),
-          log: (message) => console.error(message),
-        });
-        const handler = createHandler(cache, {
-          priority: settings.priority,
-          signingKey,
-          log: (message) => console.error(message),
-          logRequests: verbose,
-          readToken,
-          upload: uploadToken === undefined ? undefined : {
-            token: uploadToken,
-            compression: settings.compression,
-            segments: settings.segments,
-          },
-        });
-        const server = Deno.serve({
-          hostname,
-          port,
-          onListen: (address) => {
-            const host = address.hostname.includes(":")
-              ? `[${address.hostname}]`
-              : address.hostname;
-            console.log(`Serving ${settings.cacheDir} on http://${host}:${address.port}`);
-          },
-        }, handler);
-        const stop = () => server.shutdown();
+        let substituter: Substituter | undefined;
+        const stop = () => void substituter?.stop();
         Deno.addSignalListener("SIGINT", stop);
         Deno.addSignalListener("SIGTERM", stop);
         try {
-          await server.finished;
+          substituter = await startSubstituter(cache, settings, { address, signingKey, verbose });
+          await substituter.server.finished;
+          await substituter.stop();
         } finally {
-          await handler.close();
-          await drainer.stop();
           Deno.removeSignalListener("SIGINT", stop);
           Deno.removeSignalListener("SIGTERM", stop);
           cache.close();
