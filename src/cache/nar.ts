@@ -776,6 +776,8 @@ export class NarWriter {
   #ready: Uint8Array[] = [];
   /** Chunks given back, for #rotate to reuse. */
   #spare: Uint8Array[] = [];
+  /** The current buffer is someone else's ({@link NarWriter.redirect}). */
+  #redirected = false;
   #contentsLeft = 0;
   #contentsSize = 0;
   #written = 0;
@@ -889,6 +891,26 @@ export class NarWriter {
   }
 
   /**
+   * Makes `target` (someone else's buffer) the current output buffer, so that what comes
+   * next is written straight into it: the bytes already written to the current, not yet
+   * complete chunk are copied to its start. It is handed out, like any chunk, by
+   * {@link NarWriter.takeChunks} once full (or by {@link NarWriter.finish}, as a prefix
+   * view), and never touched after that. Returns false, changing nothing, unless chunks
+   * are all taken and `target` has room beyond those bytes.
+   */
+  redirect(target: Uint8Array): boolean {
+    if (this.#ready.length > 0 || target.length <= this.#position || this.#buffer.length === 0) {
+      return false;
+    }
+    target.set(this.#buffer.subarray(0, this.#position));
+    const previous = this.#buffer;
+    if (!this.#redirected && previous.length === this.#chunkSize) this.#spare.push(previous);
+    this.#buffer = target;
+    this.#redirected = true;
+    return true;
+  }
+
+  /**
    * Gives back a full chunk taken from this writer once its bytes are no longer needed;
    * later chunks reuse its memory instead of allocating (a few are kept). Anything that
    * is not a whole chunk of this writer is ignored.
@@ -913,21 +935,23 @@ export class NarWriter {
     const ready = this.takeChunks();
     if (this.#position > 0) {
       const used = this.#position;
-      // A mostly empty buffer is copied so its unused memory can be freed.
+      // A mostly empty buffer of ours is copied so its unused memory can be freed.
       ready.push(
-        used * 2 < this.#buffer.length
+        used * 2 < this.#buffer.length && !this.#redirected
           ? this.#buffer.slice(0, used)
           : this.#buffer.subarray(0, used),
       );
-      this.#buffer = new Uint8Array(0);
-      this.#spare = [];
-      this.#position = 0;
     }
+    this.#buffer = new Uint8Array(0);
+    this.#spare = [];
+    this.#position = 0;
+    this.#redirected = false;
     return ready;
   }
 
   #rotate(): void {
     if (this.#buffer.length > 0) this.#ready.push(this.#buffer);
+    this.#redirected = false;
     this.#buffer = this.#spare.pop() ?? new Uint8Array(this.#chunkSize);
     this.#position = 0;
   }

@@ -58,27 +58,34 @@ export function dumpNar(
     throw new RangeError(`Invalid NAR buffer size: ${bufferSize}`);
   }
   const writer = new NarWriter({ chunkSize: bufferSize });
-  const chunks = generateNar(path, writer);
-  // The chunk being copied into BYOB buffers, and how much of it was copied.
-  let current: Uint8Array | null = null;
+  const steps = generateNar(path, writer);
+  // Chunks produced and not handed over yet (the first one `copied` bytes in), and
+  // whether the encoder is done.
+  const pending: Uint8Array[] = [];
   let copied = 0;
+  let ended = false;
+  const step = async () => {
+    const next = await steps.next();
+    if (next.done) ended = true;
+    else pending.push(...next.value);
+  };
   return new ReadableStream({
     type: "bytes",
     async pull(controller) {
       const request = controller.byobRequest;
       if (request === null || request.view === null) {
-        // A default reader: hand the chunk itself over (its buffer is transferred).
-        if (current !== null) {
-          const rest = current.slice(copied);
-          current = null;
-          controller.enqueue(rest);
+        // A default reader: hand the chunks themselves over (their buffers are transferred).
+        while (pending.length === 0 && !ended) await step();
+        if (pending.length === 0) {
+          controller.close();
           return;
         }
-        const next = await chunks.next();
-        if (next.done) controller.close();
-        else controller.enqueue(next.value);
+        const chunk = pending.shift()!;
+        controller.enqueue(copied > 0 ? chunk.slice(copied) : chunk);
+        copied = 0;
         return;
       }
+      // A BYOB reader: fill its view, preferably by letting the encoder write into it.
       const view = new Uint8Array(
         request.view.buffer,
         request.view.byteOffset,
@@ -86,19 +93,31 @@ export function dumpNar(
       );
       let filled = 0;
       while (filled < view.length) {
-        if (current === null) {
-          const next = await chunks.next();
-          if (next.done) break;
-          current = next.value;
-          copied = 0;
+        if (pending.length > 0) {
+          const chunk = pending[0];
+          const take = Math.min(view.length - filled, chunk.length - copied);
+          view.set(chunk.subarray(copied, copied + take), filled);
+          filled += take;
+          copied += take;
+          if (copied === chunk.length) {
+            pending.shift();
+            writer.recycle(chunk);
+            copied = 0;
+          }
+          continue;
         }
-        const take = Math.min(view.length - filled, current.length - copied);
-        view.set(current.subarray(copied, copied + take), filled);
-        filled += take;
-        copied += take;
-        if (copied === current.length) {
-          writer.recycle(current);
-          current = null;
+        if (ended) break;
+        const rest = view.subarray(filled);
+        if (!writer.redirect(rest)) {
+          await step();
+          continue;
+        }
+        // The next chunk out is `rest` itself (full, or the end of the NAR); chunks after
+        // it hold what did not fit.
+        await step();
+        if (pending.length > 0 && pending[0].buffer === view.buffer) {
+          filled += pending.shift()!.length;
+          break;
         }
       }
       if (filled === 0) {
@@ -109,7 +128,7 @@ export function dumpNar(
       }
     },
     async cancel() {
-      await chunks.return(undefined);
+      await steps.return(undefined);
     },
   }) as ReadableStream<Uint8Array>;
 }
@@ -130,7 +149,12 @@ const SYNC_READ_LIMIT = 256 * 1024;
 /** ...and except for one node in this many, so the event loop is never held for long. */
 const ASYNC_EVERY = 64;
 
-async function* generateNar(root: string, writer: NarWriter): AsyncGenerator<Uint8Array> {
+/**
+ * Encodes `root` into `writer`, yielding the chunks it completed whenever there are some
+ * (all of them at once, so that none is held back between two yields), the last ones
+ * from `finish()`.
+ */
+async function* generateNar(root: string, writer: NarWriter): AsyncGenerator<Uint8Array[]> {
   const stack: Frame[] = [];
   let visit: string | null = root;
   let budget = ASYNC_EVERY;
@@ -167,9 +191,10 @@ async function* generateNar(root: string, writer: NarWriter): AsyncGenerator<Uin
       writer.endDirectory();
       stack.pop();
     }
-    for (const chunk of writer.takeChunks()) yield chunk;
+    const ready = writer.takeChunks();
+    if (ready.length > 0) yield ready;
   }
-  yield* writer.finish();
+  yield writer.finish();
 }
 
 async function lstat(path: string, isRoot: boolean, sync: boolean): Promise<Deno.FileInfo> {
@@ -241,7 +266,7 @@ async function* copyContents(
   path: string,
   info: Deno.FileInfo,
   writer: NarWriter,
-): AsyncGenerator<Uint8Array> {
+): AsyncGenerator<Uint8Array[]> {
   const file = await Deno.open(path, { read: true });
   try {
     checkOpened(path, info, await file.stat());
@@ -249,7 +274,8 @@ async function* copyContents(
       const count = await file.read(writer.contentsBuffer());
       if (count === null || count === 0) throw shrank(path, info);
       writer.commitContents(count);
-      for (const chunk of writer.takeChunks()) yield chunk;
+      const ready = writer.takeChunks();
+      if (ready.length > 0) yield ready;
     }
   } finally {
     file.close();

@@ -190,6 +190,65 @@ Deno.test("NarWriter reuses recycled chunks and ignores what is not its own chun
   assert.ok(buffers.size < out.length / 2, `${buffers.size} buffers for ${out.length} chunks`);
 });
 
+Deno.test("NarWriter writes straight into buffers it is redirected to", () => {
+  const tree = {
+    type: "directory" as const,
+    entries: {
+      a: { type: "regular" as const, contents: new Uint8Array(3000).map((_, i) => i & 0xff) },
+      b: { type: "symlink" as const, target: "a" },
+      c: { type: "regular" as const, executable: true, contents: new Uint8Array(700).fill(9) },
+    },
+  };
+  const expected = encodeNar(tree);
+  for (const [chunkSize, targetSize] of [[64, 100], [256, 64], [1000, 4096], [8, 9]]) {
+    const writer = new NarWriter({ chunkSize });
+    const out: Uint8Array[] = [];
+    const targets = new Set<ArrayBufferLike>();
+    const drain = () => {
+      for (const chunk of writer.takeChunks()) out.push(chunk.slice());
+      const target = new Uint8Array(new ArrayBuffer(targetSize + 16), 16);
+      if (writer.redirect(target)) targets.add(target.buffer);
+    };
+    const file = (contents: Uint8Array, executable = false) => {
+      writer.regular(contents.length, { executable });
+      let done = 0;
+      while (writer.contentsLeft > 0) {
+        const buffer = writer.contentsBuffer();
+        const take = Math.min(buffer.length, 50);
+        buffer.set(contents.subarray(done, done + take));
+        writer.commitContents(take);
+        done += take;
+        drain();
+      }
+    };
+    drain();
+    writer.directory();
+    writer.entry("a");
+    file(tree.entries.a.contents);
+    writer.endEntry();
+    drain();
+    writer.entry("b");
+    writer.symlink("a");
+    writer.endEntry();
+    drain();
+    writer.entry("c");
+    file(tree.entries.c.contents, true);
+    writer.endEntry();
+    writer.endDirectory();
+    const last = writer.finish();
+    out.push(...last.map((c) => c.slice()));
+    assert.ok(targets.size > 0, "some redirects were accepted");
+    assert.equal(writer.redirect(new Uint8Array(100)), false, "not after finish");
+    const bytes = new Uint8Array(out.reduce((n, c) => n + c.length, 0));
+    let offset = 0;
+    for (const c of out) {
+      bytes.set(c, offset);
+      offset += c.length;
+    }
+    assert.deepEqual(bytes, expected, `chunkSize ${chunkSize}, targets of ${targetSize}`);
+  }
+});
+
 Deno.test("compareNarNames orders by bytes, not UTF-16 code units", () => {
   const names = ["😀", "～", "a", "B", "a.b", "a-b", "ab", "10", "9", "é"];
   const sorted = names.map((n) => te.encode(n)).sort(compareNarNames).map((b) =>
