@@ -6,14 +6,14 @@
  * - Identity: the node's X25519 static key in `<cacheDir>/identity.key` (hex, mode 0600);
  *   its public half is the node id in beacons and handshakes.
  * - Connections: at most one session per (segment, peer). Either side may dial a peer it
- *   has discovered and is not connected to; when both did at once, both keep the session
- *   the node with the smaller id initiated. Before its handshake a dialer sends a 32-byte
+ *   has discovered and is not connected to. Before its handshake a dialer sends a 32-byte
  *   hint (random nonce ‖ HMAC of the segment's hint key over it) so that the listener,
  *   which may serve several segments on one port, knows which pre-shared key to use;
  *   without a valid hint the connection is dropped. Failed or lost peers are retried with
- *   exponential backoff (1 s … 60 s). When both sides dialed at once, the session the
- *   smaller node id initiated stays; when the same side dials again, its new session
- *   replaces the old one (which the dialer has lost, even if we have not noticed yet).
+ *   exponential backoff (1 s … 60 s); a dial gives up after 10 s. When both sides dialed
+ *   at once, the session the smaller node id initiated stays; when the same side dials
+ *   again, its new session replaces the old one (which the dialer has lost, even if we
+ *   have not noticed yet). Stopping closes connections still in their handshake at once.
  * - Listener: at most 128 accepted connections (16 per address) may be waiting for their
  *   hint and handshake (5 s each at most); more are closed at once. A failing accept (out
  *   of file descriptors) is logged and retried, never the end of listening.
@@ -128,6 +128,8 @@ const MAX_PENDING_PER_ADDRESS = 16;
 const MAX_KNOWN_IDS = 100_000;
 const BAN_MS = 5 * 60 * 1000;
 const HINT_SIZE = 32;
+/** A dial that has not connected in this time fails (a firewall that drops SYNs). */
+const CONNECT_TIMEOUT_MS = 10_000;
 
 /** Reads (or creates, mode 0600) the node's static key. */
 export async function loadIdentity(cacheDir: string): Promise<KeyPair> {
@@ -200,6 +202,9 @@ export class Swarm {
   #tasks = new Set<Promise<unknown>>();
   /** Accepted connections that have not become sessions yet, in all and per address. */
   #pendingTotal = 0;
+  /** Connections (accepted or dialed) before their session; closed by stop(). */
+  #connecting = new Set<Deno.Conn>();
+  #abort = new AbortController();
   #pendingByAddress = new Map<string, number>();
   #droppedPending = 0;
   #droppedLoggedAt = 0;
@@ -262,11 +267,18 @@ export class Swarm {
   /** Stops everything and closes every session. */
   async stop(): Promise<void> {
     this.#stopped = true;
+    this.#abort.abort();
     for (const timer of this.#timers) clearInterval(timer);
     await this.#discovery?.stop();
     try {
       this.#listener?.close();
     } catch { /* already closed */ }
+    // Connections still in their hint or handshake: no need to wait for their timeouts.
+    for (const conn of this.#connecting) {
+      try {
+        conn.close();
+      } catch { /* already closed */ }
+    }
     await Promise.allSettled([...this.#peers.values()].map((p) => p.session?.channel.close()));
     await Promise.allSettled([...this.#tasks]);
     await Deno.remove(join(this.#cache.cacheDir, "swarm-status.json")).catch(() => {});
@@ -338,7 +350,12 @@ export class Swarm {
     const keys = this.#keys.get(peer.segment)!;
     let conn: Deno.TcpConn | undefined;
     try {
-      conn = await Deno.connect({ hostname: peer.address!, port: peer.syncPort! });
+      conn = await Deno.connect({
+        hostname: peer.address!,
+        port: peer.syncPort!,
+        signal: AbortSignal.any([this.#abort.signal, AbortSignal.timeout(CONNECT_TIMEOUT_MS)]),
+      });
+      this.#connecting.add(conn);
       const nonce = crypto.getRandomValues(new Uint8Array(16));
       const hint = new Uint8Array(HINT_SIZE);
       hint.set(nonce);
@@ -359,6 +376,7 @@ export class Swarm {
       try {
         conn?.close();
       } catch { /* closed by the channel */ }
+      if (this.#stopped) return;
       peer.failures++;
       peer.retryAt = Date.now() + Math.min(60_000, 1000 * 2 ** Math.min(peer.failures - 1, 6));
       this.#options.log(
@@ -366,6 +384,8 @@ export class Swarm {
           (error as Error).message
         }`,
       );
+    } finally {
+      if (conn) this.#connecting.delete(conn);
     }
   }
 
@@ -403,8 +423,10 @@ export class Swarm {
       }
       this.#pendingTotal++;
       this.#pendingByAddress.set(address, fromAddress + 1);
+      this.#connecting.add(conn);
       this.#track(
         this.#accept(conn).finally(() => {
+          this.#connecting.delete(conn);
           this.#pendingTotal--;
           const left = this.#pendingByAddress.get(address)! - 1;
           if (left === 0) this.#pendingByAddress.delete(address);
@@ -455,6 +477,10 @@ export class Swarm {
     channel: import("./secure_channel.ts").SecureChannel,
     initiator: boolean,
   ): void {
+    if (this.#stopped) {
+      this.#track(channel.close());
+      return;
+    }
     const nodeId = formatBase16(channel.remoteStatic);
     const peer = this.#peer(segment, nodeId);
     const initiatorId = initiator ? this.nodeId : nodeId;

@@ -179,8 +179,11 @@ export interface ArcaSwarm {
   nodeId: string;
   /** What it wrote to stderr so far (its log lines). */
   stderr(): string;
-  /** Stops it (SIGTERM, then SIGKILL after 5 s), waits for it, and returns how it ended. */
-  stop(): Promise<Deno.CommandStatus>;
+  /**
+   * Stops it (SIGTERM, then SIGKILL after `graceMs`, default 5000), waits for it, and
+   * returns how it ended.
+   */
+  stop(graceMs?: number): Promise<Deno.CommandStatus>;
 }
 
 /**
@@ -230,7 +233,7 @@ export async function startSwarm(
     pid: child.pid,
     nodeId: match[1],
     stderr: () => errors,
-    stop() {
+    stop(graceMs = 5000) {
       stopped ??= (async () => {
         try {
           child.kill("SIGTERM");
@@ -239,7 +242,7 @@ export async function startSwarm(
           try {
             child.kill("SIGKILL");
           } catch { /* already gone */ }
-        }, 5000);
+        }, graceMs);
         const status = await child.status;
         clearTimeout(timer);
         await stderrDone;
