@@ -396,10 +396,7 @@ in
 
       warnings =
         optional settingsHaveTopicKey "services.pares-arca.settings.segments holds a topic_key, which ends up in the world-readable Nix store: use swarm.topicKeyFile"
-        ++ optional (cfg.addToSubstituters && cfg.publicKey == null) "services.pares-arca.addToSubstituters without publicKey: Nix will accept only paths signed by keys it already trusts"
-        ++ optional (
-          cfg.swarm.enable && (cfg.uploadTokenFile != null || cfg.postBuildHook)
-        ) "services.pares-arca: `arca swarm --also-serve` does not yet accept uploads nor import the post-build hook's spool (only `arca serve` does)";
+        ++ optional (cfg.addToSubstituters && cfg.publicKey == null) "services.pares-arca.addToSubstituters without publicKey: Nix will accept only paths signed by keys it already trusts";
 
       users.users.pares-arca = {
         isSystemUser = true;

@@ -11,9 +11,9 @@ import { parsePublicKey, type PublicKey } from "../cache/signing.ts";
 import { parseBindAddress } from "../config.ts";
 import { FormatError, UsageError } from "../errors.ts";
 import { DEFAULT_DISCOVERY_PORT, parseHostPort } from "../net/discovery.ts";
-import { createHandler } from "../net/server.ts";
 import { loadIdentity, Swarm, type SwarmSegment } from "../net/swarm.ts";
 import { type GlobalOptions, openCache, settingsOf, signingKeyOf } from "./common.ts";
+import { startSubstituter } from "./serve.ts";
 
 interface SwarmFlags {
   topic?: string;
@@ -162,23 +162,14 @@ export function registerSwarm(program: Command): void {
       const cache = await openCache(settings);
       const identity = await loadIdentity(settings.cacheDir);
       const httpPort = port("--http-port", flags.httpPort);
-      let server: Deno.HttpServer | undefined;
-      let handler: ReturnType<typeof createHandler> | undefined;
-      if (flags.alsoServe) {
-        parseBindAddress(`${flags.bindAddress}:${httpPort}`);
-        handler = createHandler(cache, {
-          priority: settings.priority,
+      // The same substituter as `serve`: uploads and reads per the tokens, the spool drained.
+      const substituter = flags.alsoServe
+        ? await startSubstituter(cache, settings, {
+          address: parseBindAddress(`${flags.bindAddress}:${httpPort}`),
           signingKey,
-          log,
-          logRequests: verbose,
-        });
-        server = Deno.serve({
-          hostname: flags.bindAddress,
-          port: httpPort,
-          onListen: (addr) =>
-            console.log(`Serving ${settings.cacheDir} on http://${addr.hostname}:${addr.port}`),
-        }, handler);
-      }
+          verbose,
+        })
+        : undefined;
       const swarm = new Swarm(cache, {
         segments,
         identity,
@@ -212,8 +203,7 @@ export function registerSwarm(program: Command): void {
         Deno.removeSignalListener("SIGINT", stop);
         Deno.removeSignalListener("SIGTERM", stop);
         await swarm.stop();
-        await server?.shutdown();
-        await handler?.close();
+        await substituter?.stop();
         cache.close();
       }
     });
