@@ -346,6 +346,7 @@ export class Cache {
         (b) => b.toString(16).padStart(2, "0"),
       ).join(""),
     };
+    compressor.warm();
     const committer = new ChunkFileCommitter(target.root, {
       link: (pairs) => compressor.linkFiles(pairs),
     });

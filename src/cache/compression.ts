@@ -809,6 +809,19 @@ export class ChunkCompressor {
   }
 
   /**
+   * Starts all the Workers now (they take ~50–100 ms to load), so that the first batches
+   * do not wait for them. Does nothing when there are none or they are running.
+   */
+  warm(): void {
+    if (this.#closed) return;
+    while (this.#workers.length < this.#size) {
+      const entry = this.#spawn();
+      this.#workers.push(entry);
+      this.#armIdleTimer(entry); // retired if no work comes
+    }
+  }
+
+  /**
    * Stores a batch of chunks, `lengths[i]` bytes each, back to back at the start of
    * `data` (which is transferred: the caller loses it, and gets it back as `data` of the
    * result): on the least busy Worker, hashes each chunk, reuses the stored file of the
