@@ -8,7 +8,7 @@ import {
   StreamChunker,
 } from "../../src/cache/chunker.ts";
 
-const VECTORS = new URL("../../../shared/vectors/fastcdc/", import.meta.url);
+const VECTORS = new URL("../vectors/fastcdc/", import.meta.url);
 
 interface VectorCase {
   variant: "v2016" | "v2020" | "ronomon";
