@@ -384,6 +384,9 @@ export class ChunkStore {
 // ---------------------------------------------------------------------------------------------
 // Batched writes (imports)
 
+/** Ids of written chunks a {@link ChunkBatchStorer} remembers (bounds its memory). */
+const WRITTEN_IDS = 65536;
+
 /** The final path of a chunk under a chunk root (no validation: ids come from SHA-256 here). */
 function chunkFilePath(root: string, id: string, extension: string): string {
   return `${root}/${id.slice(0, 2)}/${id}.${extension}`;
@@ -472,6 +475,9 @@ export class ChunkBatchStorer {
         const frame = out.subarray(used, used + length);
         this.#writeTemporary(target.writeTo, id, target.tmpSuffix, frame);
         this.#written.add(id);
+        if (this.#written.size > WRITTEN_IDS) {
+          this.#written.delete(this.#written.values().next().value!);
+        }
         found[i] = FOUND_NEW;
       }
       frameLengths[i] = length;
@@ -547,6 +553,9 @@ export class ChunkBatchStorer {
     try {
       Deno.writeFileSync(path, frame, { createNew: true });
     } catch (error) {
+      // This thread wrote it earlier in the import (the suffix is this thread's own), and
+      // forgot: it is complete.
+      if (error instanceof Deno.errors.AlreadyExists) return;
       if (!isNotFound(error)) throw error;
       // The directory went away since it was seen: make it again, once.
       this.#dirs.delete(dir);
@@ -582,8 +591,9 @@ function ensureDirectorySync(root: string, dir: string, known: Set<string>): voi
 /**
  * Links temporary chunk files to their final names and removes the temporary names:
  * `pairs` is `[temporary, final, temporary, final, …]`. Returns 1 per pair whose link
- * created the final name, 0 where it already existed. A temporary file must be durable
- * before it is linked (see the module comment). Without hard links, falls back to rename.
+ * created the final name, 0 where it already existed (also when the temporary file is gone
+ * because an earlier pair linked it). A temporary file must be durable before it is
+ * linked (see the module comment). Without hard links, falls back to rename.
  */
 export function linkTemporaryFiles(pairs: string[]): Uint8Array<ArrayBuffer> {
   const created = new Uint8Array(pairs.length / 2);
@@ -594,6 +604,8 @@ export function linkTemporaryFiles(pairs: string[]): Uint8Array<ArrayBuffer> {
       Deno.linkSync(temporary, path);
       created[i / 2] = 1;
     } catch (error) {
+      // Given twice (a Worker reports a repeated chunk's file again): linked the first time.
+      if (isNotFound(error) && existsSync(path)) continue;
       if (!(error instanceof Deno.errors.AlreadyExists)) {
         // No hard links here (or another odd failure): an atomic rename still never
         // exposes a partial file; a concurrent writer's identical copy may be replaced.
@@ -714,9 +726,18 @@ export async function syncFilesystem(path: string): Promise<boolean> {
   }
 }
 
-/** Fsyncs a file by path (opened read-only, which fsync accepts on Linux). */
+/**
+ * Fsyncs a file by path (opened read-only, which fsync accepts on Linux). A temporary file
+ * that is gone was linked by an earlier round, after it was made durable.
+ */
 async function syncFile(path: string): Promise<void> {
-  const file = await Deno.open(path, { read: true });
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(path, { read: true });
+  } catch (error) {
+    if (isNotFound(error)) return;
+    throw error;
+  }
   try {
     await file.sync();
   } finally {
@@ -753,6 +774,11 @@ export interface ChunkFileCommitterOptions {
   /** Bytes of new files after which a round (flush, then links) starts; default 64 MiB. */
   roundBytes?: number;
   /**
+   * Flushes the filesystem holding a path, false when it cannot (then files and
+   * directories are fsynced one by one); default {@link syncFilesystem}.
+   */
+  flush?: (path: string) => Promise<boolean>;
+  /**
    * Imports that wrote at most this many files, in no earlier round, fsync them one by one
    * instead of flushing the filesystem (cheaper when other processes have much unwritten
    * data); default 32.
@@ -779,12 +805,13 @@ export interface CommittedFiles {
 export class ChunkFileCommitter {
   #root: string;
   #link: (pairs: string[]) => Promise<Uint8Array>;
+  #flush: (path: string) => Promise<boolean>;
   #roundBytes: number;
   #fsyncMax: number;
   #pending: PendingFile[] = [];
   #pendingBytes = 0;
-  /** Temporary names ever added (a Worker reports a repeated chunk's file again). */
-  #known = new Set<string>();
+  /** The temporary name added last (repeats often come in a row). */
+  #last = "";
   /** Directories holding linked files, for the fsync way. */
   #dirs = new Set<string>();
   #round: Promise<void> | null = null;
@@ -797,6 +824,7 @@ export class ChunkFileCommitter {
   constructor(root: string, options: ChunkFileCommitterOptions = {}) {
     this.#root = root;
     this.#link = options.link ?? ((pairs) => Promise.resolve(linkTemporaryFiles(pairs)));
+    this.#flush = options.flush ?? syncFilesystem;
     this.#roundBytes = options.roundBytes ?? 64 * 1024 * 1024;
     this.#fsyncMax = options.fsyncMax ?? 32;
   }
@@ -806,10 +834,14 @@ export class ChunkFileCommitter {
     return this.#pending.length;
   }
 
-  /** Records a completely written temporary file; may start a round in the background. */
+  /**
+   * Records a completely written temporary file; may start a round in the background. A
+   * file added again (Workers report a repeated chunk's file each time) costs a failed
+   * link and counts once.
+   */
   add(temporary: string, path: string, size: number): void {
-    if (this.#known.has(temporary)) return;
-    this.#known.add(temporary);
+    if (this.#last === temporary) return;
+    this.#last = temporary;
     this.#pending.push({ temporary, path, size });
     this.#pendingBytes += size;
     if (this.#pendingBytes >= this.#roundBytes && this.#round === null) {
@@ -864,13 +896,13 @@ export class ChunkFileCommitter {
     this.#rounds++;
     await this.#durable(files, false);
     await this.#linkFiles(files);
-    if (last && !(await syncFilesystem(this.#root))) await this.#syncDirectories();
+    if (last && !(await this.#flush(this.#root))) await this.#syncDirectories();
   }
 
   /** Makes the files' data durable: one filesystem flush unless `fsync` (or unavailable). */
   async #durable(files: PendingFile[], fsync: boolean): Promise<void> {
     if (files.length === 0) return;
-    if (!fsync && await syncFilesystem(this.#root)) return;
+    if (!fsync && await this.#flush(this.#root)) return;
     await forEachLimited(files, 16, (file) => syncFile(file.temporary));
   }
 

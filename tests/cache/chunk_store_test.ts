@@ -375,7 +375,15 @@ async function writeTemporaries(
 
 Deno.test("ChunkFileCommitter: a few files the fsync way, many in rounds; counts what it created", async () => {
   await withStore(async (store) => {
-    for (const [count, options] of [[3, {}], [40, { roundBytes: 2000 }], [40, {}]] as const) {
+    const noFlush = { flush: () => Promise.resolve(false) };
+    const cases = [
+      [3, {}],
+      [40, { roundBytes: 2000 }],
+      [40, {}],
+      [40, { ...noFlush, roundBytes: 2000 }], // no syncfs: fsync file by file, in rounds
+      [40, noFlush],
+    ] as const;
+    for (const [count, options] of cases) {
       const files = await writeTemporaries(store, count, `c${count}${Object.keys(options)}`);
       // one of them exists already (another importer linked it first)
       await Deno.link(files[0][0], files[0][1]).catch(() => {});
@@ -383,6 +391,9 @@ Deno.test("ChunkFileCommitter: a few files the fsync way, many in rounds; counts
       for (const [temporary, path, size] of files) {
         committer.add(temporary, path, size);
         committer.add(temporary, path, size); // reported twice: counted once
+      }
+      for (const [temporary, path, size] of files.slice(0, 5)) {
+        committer.add(temporary, path, size); // and again later, maybe after its link
       }
       const { created, createdBytes } = await committer.commit();
       const expected = files.slice(1).filter(([, path]) => path !== files[0][1]);
