@@ -88,12 +88,24 @@ interface XzBinding {
   decompressSync(input: Uint8Array): Uint8Array;
 }
 
+/**
+ * Name prefix of the compression Workers, followed by their compression: a Worker that
+ * does not compress with xz skips loading the binding (~50 ms of its start-up).
+ */
+const WORKER_NAME_PREFIX = "arca-compression-";
+
 let xzBinding: XzBinding | undefined;
-let xzLoadError: unknown;
-try {
-  xzBinding = (await import("@napi-rs/lzma")).xz;
-} catch (error) {
-  xzLoadError = error;
+let xzLoadError: unknown = new Error("not loaded in a Worker that does not use xz");
+const workerName = (globalThis as { name?: unknown }).name;
+if (
+  typeof workerName !== "string" || !workerName.startsWith(WORKER_NAME_PREFIX) ||
+  workerName === `${WORKER_NAME_PREFIX}xz`
+) {
+  try {
+    xzBinding = (await import("@napi-rs/lzma")).xz;
+  } catch (error) {
+    xzLoadError = error;
+  }
 }
 
 function xz(): XzBinding {
@@ -981,6 +993,7 @@ export class ChunkCompressor {
   #spawn(): PoolWorker {
     const worker = new Worker(new URL("./compression_worker.ts", import.meta.url), {
       type: "module",
+      name: `${WORKER_NAME_PREFIX}${this.#config.compression}`,
     });
     const entry: PoolWorker = { worker, id: nextWorkerId++, jobs: [], queued: 0 };
     const config: CompressionConfig = { ...this.#config, worker: entry.id };
