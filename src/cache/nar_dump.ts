@@ -3,6 +3,9 @@
  * serialisation of it, byte-identical to `nix-store --dump` (Nix 2.8). The framing is
  * {@link NarWriter} from nar.ts; this module only walks the filesystem.
  *
+ * The stream is a byte stream: a BYOB reader gets the NAR written into its own buffer (file
+ * contents read straight into it), a default reader gets the encoder's chunks.
+ *
  * - regular files: contents read in bounded pieces straight into the output buffer;
  *   the owner-execute bit (`S_IXUSR`) gives the `executable` marker, as in Nix;
  * - symlinks: the target as-is (never followed);
