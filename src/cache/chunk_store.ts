@@ -640,10 +640,19 @@ let libc: Libc | null | undefined;
 /** Whether `sync -f` may work (false once it failed to run). */
 let syncCommandWorks = true;
 
+/** True when `descriptor` is granted already (never prompts). */
+function granted(descriptor: Deno.PermissionDescriptor): boolean {
+  try {
+    return Deno.permissions.querySync(descriptor).state === "granted";
+  } catch {
+    return false;
+  }
+}
+
 function loadLibc(): Libc | null {
   if (libc !== undefined) return libc;
   libc = null;
-  if (Deno.build.os === "linux") {
+  if (Deno.build.os === "linux" && granted({ name: "ffi" })) {
     try {
       libc = Deno.dlopen("libc.so.6", {
         open: { parameters: ["buffer", "i32"], result: "i32" },
@@ -710,7 +719,7 @@ export async function syncFilesystem(path: string): Promise<boolean> {
       }
     }
   }
-  if (!syncCommandWorks) return false;
+  if (!syncCommandWorks || !granted({ name: "run", command: "sync" })) return false;
   try {
     const out = await new Deno.Command("sync", {
       args: ["-f", path],
