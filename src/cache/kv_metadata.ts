@@ -186,6 +186,14 @@ class KvMetadataStore implements MetadataStore {
     return (await this.getStoredPath(hashPart))?.record ?? null;
   }
 
+  peekStoredPath(hashPart: string): StoredPath | null | undefined {
+    if (this.#closed || !isValidHashPart(hashPart)) return undefined;
+    const cached = this.#records.get(hashPart);
+    if (cached === undefined) return undefined;
+    const generation = this.#currentGeneration();
+    return isTrusted(cached, generation, performance.now()) ? cached.stored : undefined;
+  }
+
   async getStoredPath(hashPart: string): Promise<StoredPath | null> {
     this.#checkOpen();
     checkHashPart(hashPart);
@@ -193,12 +201,7 @@ class KvMetadataStore implements MetadataStore {
     const generation = this.#currentGeneration();
     const now = performance.now();
     const cached = this.#records.get(hashPart);
-    if (
-      cached !== undefined && generation >= 0 && cached.generation === generation &&
-      now - cached.checkedAt < KV_TRUST_MS
-    ) {
-      return cached.stored;
-    }
+    if (cached !== undefined && isTrusted(cached, generation, now)) return cached.stored;
     const head = await this.#call(() => this.#kv.get([PATH, hashPart]));
     if (head.versionstamp === null) {
       this.#records.delete(hashPart);
@@ -437,6 +440,16 @@ class KvMetadataStore implements MetadataStore {
   #checkOpen(): void {
     if (this.#closed) throw new Error("Metadata store is closed");
   }
+}
+
+/**
+ * True when a cached record may be served without asking Deno KV: nothing was announced
+ * since it was last found current (`generation`, -1 meaning "no change file": never), and
+ * that was less than {@link KV_TRUST_MS} ago.
+ */
+function isTrusted(cached: CachedRecord, generation: number, now: number): boolean {
+  return generation >= 0 && cached.generation === generation &&
+    now - cached.checkedAt < KV_TRUST_MS;
 }
 
 /** What a writer must replace: the head's versionstamp, its parts' keys, its index key. */

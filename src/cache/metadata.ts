@@ -82,6 +82,14 @@ export interface MetadataStore {
    */
   getStoredPath(hashPart: string): Promise<StoredPath | null>;
   /**
+   * What {@link MetadataStore.getStoredPath} would give, when this store can tell without
+   * waiting (synchronously, from its in-process cache checked as `getStoredPath` checks it):
+   * the record, or null when the path is known to be absent; undefined when only
+   * `getStoredPath` can tell (not cached, to be checked against the store, invalid hash
+   * part, closed store). For hot paths that want no promise when the answer is at hand.
+   */
+  peekStoredPath(hashPart: string): StoredPath | null | undefined;
+  /**
    * The hash part of a path whose record has this FileHash (`sha256:<nix32>`; any SHA-256
    * form {@link normalizeNixHash} accepts), or null. When several paths share the FileHash,
    * any one of them.

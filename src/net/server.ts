@@ -70,6 +70,9 @@ export type Handler = ((request: Request) => Promise<Response>) & { close(): Pro
 /** Limits of the cache of narinfos as served: entries, bytes. */
 const SERVED_CACHE_LIMITS = { maxEntries: 8192, maxWeight: 8 * 1024 * 1024 };
 
+/** A narinfo request path (whose hash part is then checked). */
+const NARINFO_PATH = /^\/([^/]{32})\.narinfo$/;
+
 const MAX_PATH_LENGTH = 512;
 const SAFE_PATH = /^\/[A-Za-z0-9._+=\/-]*$/;
 
@@ -171,14 +174,33 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     return entry;
   }
 
-  async function narinfo(hashPart: string, head: boolean): Promise<Response> {
-    // The stored text is served as it is (it was checked when written and when read).
-    const stored = await cache.metadata.getStoredPath(hashPart);
-    if (stored === null) throw new HttpError(404, "No such path");
+  function narinfoResponse(hashPart: string, stored: StoredPath, head: boolean): Response {
     const { body, length } = narinfoBody(hashPart, stored);
     return new Response(head ? null : body, {
       headers: { "content-type": "text/x-nix-narinfo", "content-length": String(length) },
     });
+  }
+
+  async function narinfo(hashPart: string, head: boolean): Promise<Response> {
+    // The stored text is served as it is (it was checked when written and when read).
+    const stored = await cache.metadata.getStoredPath(hashPart);
+    if (stored === null) throw new HttpError(404, "No such path");
+    return narinfoResponse(hashPart, stored, head);
+  }
+
+  /**
+   * The response to a GET or HEAD of a narinfo the metadata store can answer at once (from
+   * its checked in-process cache), built without a promise chain: the most frequent request
+   * of a substituter. Undefined for anything else, which {@link route} handles.
+   */
+  function cachedNarinfo(request: Request): Response | undefined {
+    if (options.readToken !== undefined) return undefined;
+    const method = request.method;
+    if (method !== "GET" && method !== "HEAD") return undefined;
+    const match = NARINFO_PATH.exec(rawRequestPath(request.url));
+    if (match === null || !isValidHashPart(match[1])) return undefined;
+    const stored = cache.metadata.peekStoredPath(match[1]);
+    return stored ? narinfoResponse(match[1], stored, method === "HEAD") : undefined;
   }
 
   async function storedNarOrThrow(found: StoredNar | null): Promise<StoredNar> {
@@ -334,7 +356,21 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     throw new HttpError(404, "Not found");
   }
 
-  async function handle(request: Request): Promise<Response> {
+  function handle(request: Request): Promise<Response> {
+    let fast: Response | undefined;
+    try {
+      fast = cachedNarinfo(request);
+    } catch {
+      fast = undefined; // route() says what went wrong
+    }
+    if (fast === undefined) return handleRoute(request);
+    if (options.logRequests) {
+      options.log?.(`${request.method} ${rawRequestPath(request.url)} ${fast.status}`);
+    }
+    return Promise.resolve(fast);
+  }
+
+  async function handleRoute(request: Request): Promise<Response> {
     let response: Response;
     try {
       response = await route(request);

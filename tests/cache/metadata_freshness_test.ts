@@ -162,6 +162,34 @@ for (const backend of BACKENDS) {
     });
   });
 
+  Deno.test(`${backend} metadata freshness: peekStoredPath answers only what getStoredPath would`, async () => {
+    await withTwoStores(backend, async (reader, writer) => {
+      const hash = testHashPart("peek");
+      const v1 = variantInfo("peek", "v1");
+      const v2 = variantInfo("peek", "v2", "b");
+      assert.equal(reader.peekStoredPath(hash), undefined); // never read: ask getStoredPath
+      assert.equal(reader.peekStoredPath("not-a-hash-part"), undefined);
+      await writer.putPath(record(v1));
+      const first = await reader.getStoredPath(hash);
+      assert.equal(first?.text, formatNarInfo(v1));
+      assert.equal(reader.peekStoredPath(hash), first);
+
+      // Replaced elsewhere: the old record is never the answer.
+      await writer.putPath(record(v2, 2));
+      assert.equal(reader.peekStoredPath(hash), undefined);
+      const second = await reader.getStoredPath(hash);
+      assert.equal(second?.text, formatNarInfo(v2));
+      assert.equal(reader.peekStoredPath(hash), second);
+
+      // Deleted elsewhere: absent or unknown, never the record.
+      await writer.deletePath(hash);
+      const peeked = reader.peekStoredPath(hash);
+      assert.ok(peeked === undefined || peeked === null, "no stale record");
+      assert.equal(await reader.getStoredPath(hash), null);
+      assert.equal(reader.peekStoredPath(hash), undefined);
+    });
+  });
+
   Deno.test(`${backend} metadata freshness: writes by other processes are seen at once`, async () => {
     await withTwoStores(backend, async (reader, _writer, cacheDir) => {
       const hash = testHashPart("proc");

@@ -133,3 +133,30 @@ for (const backend of BACKENDS) {
     }
   });
 }
+
+Deno.test("server: a narinfo served from memory still needs the read token", async () => {
+  await using fx = await makeCacheFixture();
+  const token = "read-token-0123456789";
+  const handler = createHandler(fx.cache, { priority: 30, readToken: token });
+  try {
+    const storePath = fakeStorePath("guarded-1.0");
+    const hashPart = hashPartOf(storePath);
+    await importFixture(fx.cache, tree(3), { storePath });
+    const authorized = { authorization: `Bearer ${token}` };
+    for (let i = 0; i < 3; i++) {
+      const ok = await handler(new Request(`${BASE}/${hashPart}.narinfo`, { headers: authorized }));
+      assert.equal(ok.status, 200);
+      await ok.body?.cancel();
+      const refused = await handler(new Request(`${BASE}/${hashPart}.narinfo`));
+      assert.equal(refused.status, 401);
+      await refused.body?.cancel();
+      const wrong = await handler(
+        new Request(`${BASE}/${hashPart}.narinfo`, { headers: { authorization: "Bearer nope" } }),
+      );
+      assert.equal(wrong.status, 401);
+      await wrong.body?.cancel();
+    }
+  } finally {
+    await handler.close();
+  }
+});
