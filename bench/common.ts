@@ -286,6 +286,8 @@ export async function arcaRevision(main: string): Promise<string> {
   const head = await run("git", ["-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], {
     check: false,
   });
+  // A snapshot (`git archive`) is no checkout: name it by its path.
+  if (head.code !== 0 || head.stdout.trim() === "") return `${REPO_ROOT} (not a git checkout)`;
   const dirty = await run(
     "git",
     ["-C", REPO_ROOT, "status", "--porcelain", "--", "src", "main.ts"],
