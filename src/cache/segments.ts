@@ -24,7 +24,10 @@ export const NIXPKGS_PUBLIC_KEY: PublicKey = parsePublicKey(
 );
 
 /** What a filter looks at: the signed fields of a path and its signatures. */
-export type SegmentSubject = Pick<NarInfo, "storePath" | "narHash" | "narSize" | "references" | "sigs">;
+export type SegmentSubject = Pick<
+  NarInfo,
+  "storePath" | "narHash" | "narSize" | "references" | "sigs"
+>;
 
 /** True when the path carries a valid signature of cache.nixos.org. */
 export function signedByNixpkgs(subject: SegmentSubject): boolean {
