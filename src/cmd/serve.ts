@@ -30,7 +30,13 @@ export interface Substituter {
 export async function startSubstituter(
   cache: Cache,
   settings: Settings,
-  options: { address: BindAddress; signingKey?: SecretKey; verbose: boolean },
+  options: {
+    address: BindAddress;
+    signingKey?: SecretKey;
+    verbose: boolean;
+    /** Serve `GET /metrics` (Prometheus) on this address; nowhere when unset. */
+    metricsAddress?: BindAddress;
+  },
 ): Promise<Substituter> {
   const log = (message: string) => console.error(message);
   const uploadToken = settings.uploadTokenFile === undefined
@@ -51,14 +57,40 @@ export async function startSubstituter(
       segments: settings.segments,
     },
   });
-  const server = Deno.serve({
-    hostname: options.address.hostname,
-    port: options.address.port,
-    onListen: (address) => {
-      const host = address.hostname.includes(":") ? `[${address.hostname}]` : address.hostname;
-      console.log(`Serving ${settings.cacheDir} on http://${host}:${address.port}`);
+  const metricsResponse = async () =>
+    new Response(await handler.metrics.render(cache), {
+      headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" },
+    });
+  // Metrics are served only where --metrics-bind says: on their own address, or on the
+  // substituter's when it names that one.
+  const metrics = options.metricsAddress;
+  const sameAddress = metrics !== undefined && metrics.hostname === options.address.hostname &&
+    metrics.port === options.address.port;
+  const server = Deno.serve(
+    {
+      hostname: options.address.hostname,
+      port: options.address.port,
+      onListen: (address) => {
+        const host = address.hostname.includes(":") ? `[${address.hostname}]` : address.hostname;
+        console.log(`Serving ${settings.cacheDir} on http://${host}:${address.port}`);
+      },
     },
-  }, handler);
+    (request) =>
+      sameAddress && request.method === "GET" && new URL(request.url).pathname === "/metrics"
+        ? metricsResponse()
+        : handler(request),
+  );
+  const metricsServer = metrics && !sameAddress
+    ? Deno.serve({
+      hostname: metrics.hostname,
+      port: metrics.port,
+      onListen: (address) =>
+        console.log(`Metrics on http://${address.hostname}:${address.port}/metrics`),
+    }, (request) =>
+      request.method === "GET" && new URL(request.url).pathname === "/metrics"
+        ? metricsResponse()
+        : Promise.resolve(new Response("Not found\n", { status: 404 })))
+    : undefined;
   // Paths the post-build hook spooled (arca install-hook) are imported as they come.
   const drainer = startSpoolDrainer(cache, join(settings.cacheDir, "spool"), {
     compression: settings.compression,
@@ -72,6 +104,7 @@ export async function startSubstituter(
     stop() {
       stopped ??= (async () => {
         await server.shutdown();
+        await metricsServer?.shutdown();
         await handler.close();
         await drainer.stop();
       })();
@@ -92,6 +125,10 @@ export function registerServe(program: Command): void {
     )
     .option("--upload-token-file <file>", "accept uploads (nix copy --to) carrying this token")
     .option("--read-token-file <file>", "require this token (or the upload token) for reads")
+    .option(
+      "--metrics-bind <host:port>",
+      "serve Prometheus /metrics on this address (off otherwise)",
+    )
     .action(
       async (
         flags: {
@@ -100,6 +137,7 @@ export function registerServe(program: Command): void {
           signingKey?: string;
           uploadTokenFile?: string;
           readTokenFile?: string;
+          metricsBind?: string;
         },
         command: Command,
       ) => {
@@ -113,7 +151,15 @@ export function registerServe(program: Command): void {
         Deno.addSignalListener("SIGINT", stop);
         Deno.addSignalListener("SIGTERM", stop);
         try {
-          substituter = await startSubstituter(cache, settings, { address, signingKey, verbose });
+          const metricsAddress = flags.metricsBind === undefined
+            ? undefined
+            : parseBindAddress(flags.metricsBind);
+          substituter = await startSubstituter(cache, settings, {
+            address,
+            signingKey,
+            verbose,
+            metricsAddress,
+          });
           await substituter.server.finished;
           await substituter.stop();
         } finally {

@@ -5,9 +5,8 @@
  */
 
 import type { Command } from "commander";
-import { join } from "node:path";
 import { RemoteRecords } from "../cache/remote_records.ts";
-import type { SwarmStatus } from "../net/swarm.ts";
+import { readSwarmStatus } from "../net/metrics.ts";
 import { formatBytes, openCache, settingsOf } from "./common.ts";
 
 /** The number of records known from peers. */
@@ -15,18 +14,6 @@ async function countRemote(cacheDir: string): Promise<number> {
   let count = 0;
   for await (const _ of new RemoteRecords(cacheDir).list()) count++;
   return count;
-}
-
-/** The running swarm's status file, or null when no swarm runs (or it died). */
-async function readSwarmStatus(cacheDir: string): Promise<SwarmStatus | null> {
-  try {
-    const status = JSON.parse(
-      await Deno.readTextFile(join(cacheDir, "swarm-status.json")),
-    ) as SwarmStatus;
-    return Date.now() - status.updatedAt < 10_000 ? status : null;
-  } catch {
-    return null;
-  }
 }
 
 /** Registers `status`. */

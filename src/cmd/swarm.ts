@@ -23,6 +23,7 @@ interface SwarmFlags {
   httpPort: string;
   bindAddress: string;
   alsoServe?: boolean;
+  metricsBind?: string;
   staticPeer: string[];
   trustedPublicKey: string[];
   multicast: boolean;
@@ -87,6 +88,7 @@ export function registerSwarm(program: Command): void {
       "0.0.0.0",
     )
     .option("--also-serve", "run the HTTP substituter in the same process")
+    .option("--metrics-bind <host:port>", "with --also-serve: Prometheus /metrics on this address")
     .option("--static-peer <host:port>", "a peer's discovery address (repeatable)", collect, [])
     .option(
       "--trusted-public-key <name:key>",
@@ -100,6 +102,9 @@ export function registerSwarm(program: Command): void {
     .option("--announce-interval <seconds>", "time between discovery announces", "5")
     .action(async (flags: SwarmFlags, command: Command) => {
       const settings = await settingsOf(command);
+      if (flags.metricsBind !== undefined && !flags.alsoServe) {
+        throw new UsageError("--metrics-bind needs --also-serve");
+      }
       const verbose = (command.optsWithGlobals() as GlobalOptions).verbose === true;
       const staticPeers = [...settings.staticPeers, ...flags.staticPeer];
       for (const peer of staticPeers) {
@@ -168,6 +173,9 @@ export function registerSwarm(program: Command): void {
           address: parseBindAddress(`${flags.bindAddress}:${httpPort}`),
           signingKey,
           verbose,
+          metricsAddress: flags.metricsBind === undefined
+            ? undefined
+            : parseBindAddress(flags.metricsBind),
         })
         : undefined;
       const swarm = new Swarm(cache, {

@@ -39,6 +39,7 @@ import type { SegmentConfig } from "../config.ts";
 import { hasToken } from "./auth.ts";
 import { ServeRecorder } from "./serve_recorder.ts";
 import { UploadReceiver } from "./uploads.ts";
+import { Metrics, routeOf } from "./metrics.ts";
 
 /** Options of {@link createHandler}. */
 export interface HandlerOptions {
@@ -65,7 +66,11 @@ export interface HandlerOptions {
  * A request handler as `Deno.serve` takes it; `close()` writes pending serve records and
  * discards staged uploads (call it when the server stops).
  */
-export type Handler = ((request: Request) => Promise<Response>) & { close(): Promise<void> };
+export type Handler = ((request: Request) => Promise<Response>) & {
+  close(): Promise<void>;
+  /** What the handler counted, for `--metrics-bind`. */
+  metrics: Metrics;
+};
 
 /** Limits of the cache of narinfos as served: entries, bytes. */
 const SERVED_CACHE_LIMITS = { maxEntries: 8192, maxWeight: 8 * 1024 * 1024 };
@@ -148,6 +153,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   const cacheInfo = `StoreDir: /nix/store\nWantMassQuery: 1\nPriority: ${options.priority}\n`;
   const logs = new BuildLogs(cache.cacheDir);
   const recorder = new ServeRecorder(cache, { intervalMs: options.serveLogIntervalMs });
+  const metrics = new Metrics();
   const uploads = options.upload
     ? new UploadReceiver(cache, { ...options.upload, signingKey: options.signingKey })
     : undefined;
@@ -357,17 +363,31 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   }
 
   function handle(request: Request): Promise<Response> {
+    const started = performance.now();
     let fast: Response | undefined;
     try {
       fast = cachedNarinfo(request);
     } catch {
       fast = undefined; // route() says what went wrong
     }
-    if (fast === undefined) return handleRoute(request);
+    if (fast === undefined) {
+      return handleRoute(request).then((response) => count(request, response, started));
+    }
     if (options.logRequests) {
       options.log?.(`${request.method} ${rawRequestPath(request.url)} ${fast.status}`);
     }
-    return Promise.resolve(fast);
+    return Promise.resolve(count(request, fast, started));
+  }
+
+  function count(request: Request, response: Response, started: number): Response {
+    metrics.countRequest(
+      routeOf(rawRequestPath(request.url)),
+      request.method,
+      response.status,
+      request.method === "HEAD" ? 0 : Number(response.headers.get("content-length") ?? 0),
+      (performance.now() - started) / 1000,
+    );
+    return response;
   }
 
   async function handleRoute(request: Request): Promise<Response> {
@@ -384,6 +404,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   }
 
   return Object.assign(handle, {
+    metrics,
     async close() {
       await recorder.close();
       await uploads?.close();
