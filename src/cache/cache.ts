@@ -255,15 +255,17 @@ export class Cache {
     const compression = staged.manifest.compression;
     const staging = new ChunkStore(staged.dir);
     const record = await withWriterLock(this.cacheDir, async () => {
+      const adopt: { id: string; sourcePath: string }[] = [];
       for (const id of new Set(staged.manifest.chunks.map((chunk) => chunk.id))) {
-        if (await this.chunks.has(id, compression)) continue;
-        if (!(await staging.has(id, compression))) {
+        if (await staging.has(id, compression)) {
+          adopt.push({ id, sourcePath: staging.chunkPath(id, compression) });
+        } else if (!(await this.chunks.has(id, compression))) {
           throw new IntegrityError(
             `Cannot add ${meta.storePath}: chunk ${id} of its NAR is gone (collected since the upload); upload it again`,
           );
         }
-        await this.chunks.adopt(id, compression, staging.chunkPath(id, compression));
       }
+      await this.chunks.adoptAll(adopt, compression);
       return await this.#commit(staged.manifest, meta, { ...options, compression });
     });
     await this.discardStaged(staged);
