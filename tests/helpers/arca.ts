@@ -113,47 +113,64 @@ export function freePort(): number {
   return port;
 }
 
+/** A long-running arca process started by {@link startArcaProcess}. */
+export interface ArcaProcess {
+  pid: number;
+  /** The match of `ready` on stdout. */
+  ready: RegExpExecArray;
+  /** What it printed on stderr so far. */
+  stderr(): string;
+  /** Stops it (SIGTERM, then SIGKILL after `graceMs`, default 5 s) and waits for it. */
+  stop(graceMs?: number): Promise<Deno.CommandStatus>;
+}
+
 /**
- * Starts `arca serve --bind 127.0.0.1:<free port> <args>` (with `command`, default
- * {@link defaultArcaCommand}) and waits until it listens.
+ * Starts `arca <args>` (with `command`, default {@link defaultArcaCommand}) and waits, at
+ * most 30 s, until its stdout matches `ready`; stdout and stderr keep being drained so the
+ * child never blocks on a full pipe.
  */
-export async function startServe(
+export async function startArcaProcess(
   args: string[],
-  options: { env?: Record<string, string>; command?: ArcaCommand } = {},
-): Promise<ArcaServer> {
-  const port = freePort();
+  options: { env?: Record<string, string>; command?: ArcaCommand; ready: RegExp },
+): Promise<ArcaProcess> {
   const [program, ...before] = options.command ?? defaultArcaCommand();
   const child = new Deno.Command(program, {
-    args: [...before, "serve", "--bind", `127.0.0.1:${port}`, ...args],
+    args: [...before, ...args],
     env: options.env,
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
   }).spawn();
-  const stderrText = new Response(child.stderr).text();
+  let errors = "";
+  const stderrDone = child.stderr.pipeThrough(new TextDecoderStream()).pipeTo(
+    new WritableStream({ write: (chunk) => void (errors += chunk) }),
+  ).catch(() => {});
   const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
   let seen = "";
+  let match: RegExpExecArray | null;
   const deadline = setTimeout(() => child.kill("SIGKILL"), 30_000);
   try {
-    while (!seen.includes("Serving ")) {
+    while ((match = options.ready.exec(seen)) === null) {
       const { value, done } = await reader.read();
       if (done) {
-        throw new Error(`arca serve exited before listening: ${await stderrText}`);
+        await child.status;
+        await stderrDone;
+        throw new Error(`arca ${args.join(" ")} exited before it was ready: ${errors}`);
       }
       seen += value;
     }
   } finally {
     clearTimeout(deadline);
   }
-  // Keep draining stdout so the child never blocks on a full pipe.
   (async () => {
     while (!(await reader.read()).done);
   })().catch(() => {});
-  let stopped: Promise<void> | undefined;
+  let stopped: Promise<Deno.CommandStatus> | undefined;
   return {
-    url: `http://127.0.0.1:${port}`,
     pid: child.pid,
-    stop() {
+    ready: match,
+    stderr: () => errors,
+    stop(graceMs = 5000) {
       stopped ??= (async () => {
         try {
           child.kill("SIGTERM");
@@ -162,17 +179,34 @@ export async function startServe(
           try {
             child.kill("SIGKILL");
           } catch { /* already gone */ }
-        }, 5000);
-        await child.status;
+        }, graceMs);
+        const status = await child.status;
         clearTimeout(timer);
-        await stderrText;
+        await stderrDone;
+        return status;
       })();
       return stopped;
     },
   };
 }
 
-/** A running `arca swarm`. */
+/** Starts `arca serve --bind 127.0.0.1:<free port> <args>` and waits until it listens. */
+export async function startServe(
+  args: string[],
+  options: { env?: Record<string, string>; command?: ArcaCommand } = {},
+): Promise<ArcaServer> {
+  const port = freePort();
+  const process = await startArcaProcess(["serve", "--bind", `127.0.0.1:${port}`, ...args], {
+    ...options,
+    ready: /Serving /,
+  });
+  return {
+    url: `http://127.0.0.1:${port}`,
+    pid: process.pid,
+    stop: async () => void await process.stop(),
+  };
+}
+
 export interface ArcaSwarm {
   pid: number;
   /** The node id prefix (16 hex digits) from its "Swarm node" line. */
@@ -195,61 +229,12 @@ export async function startSwarm(
   args: string[],
   options: { env?: Record<string, string>; command?: ArcaCommand } = {},
 ): Promise<ArcaSwarm> {
-  const [program, ...before] = options.command ?? defaultArcaCommand();
-  const child = new Deno.Command(program, {
-    args: [...before, ...args],
-    env: options.env,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let errors = "";
-  const stderrDone = child.stderr.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({ write: (chunk) => void (errors += chunk) }),
-  ).catch(() => {});
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let seen = "";
-  let match: RegExpExecArray | null = null;
-  const deadline = setTimeout(() => child.kill("SIGKILL"), 30_000);
-  try {
-    while ((match = /Swarm node ([0-9a-f]{16})/.exec(seen)) === null) {
-      const { value, done } = await reader.read();
-      if (done) {
-        await child.status;
-        await stderrDone;
-        throw new Error(`arca swarm exited before starting: ${errors}`);
-      }
-      seen += value;
-    }
-  } finally {
-    clearTimeout(deadline);
-  }
-  // Keep draining stdout so the child never blocks on a full pipe.
-  (async () => {
-    while (!(await reader.read()).done);
-  })().catch(() => {});
-  let stopped: Promise<Deno.CommandStatus> | undefined;
+  const process = await startArcaProcess(args, { ...options, ready: /Swarm node ([0-9a-f]{16})/ });
   return {
-    pid: child.pid,
-    nodeId: match[1],
-    stderr: () => errors,
-    stop(graceMs = 5000) {
-      stopped ??= (async () => {
-        try {
-          child.kill("SIGTERM");
-        } catch { /* already gone */ }
-        const timer = setTimeout(() => {
-          try {
-            child.kill("SIGKILL");
-          } catch { /* already gone */ }
-        }, graceMs);
-        const status = await child.status;
-        clearTimeout(timer);
-        await stderrDone;
-        return status;
-      })();
-      return stopped;
-    },
+    pid: process.pid,
+    nodeId: process.ready[1],
+    stderr: process.stderr,
+    stop: process.stop,
   };
 }
 

@@ -12,13 +12,12 @@
 
 import assert from "node:assert/strict";
 import {
-  type ArcaCommand,
-  defaultArcaCommand,
   freePort,
   freeUdpPort,
   makeArcaHome,
   REPO_ROOT,
   runArca,
+  startArcaProcess,
   startSwarm,
 } from "../helpers/arca.ts";
 import { addToStore, HAVE_NIX } from "../helpers/nix.ts";
@@ -118,60 +117,6 @@ function localArgv(argv: string[], configPath: string): string[] {
   assert.equal(args[at + 1], RUNTIME_CONFIG);
   args[at + 1] = configPath;
   return args;
-}
-
-/** Starts arca with `args` and waits (at most 30 s) for `ready` on stdout. */
-async function startArca(
-  args: string[],
-  options: { env: Record<string, string>; ready: RegExp; command?: ArcaCommand },
-): Promise<{ stop(): Promise<void>; stderr(): string }> {
-  const [program, ...before] = options.command ?? defaultArcaCommand();
-  const child = new Deno.Command(program, {
-    args: [...before, ...args],
-    env: options.env,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  let errors = "";
-  const stderrDone = child.stderr.pipeThrough(new TextDecoderStream()).pipeTo(
-    new WritableStream({ write: (chunk) => void (errors += chunk) }),
-  ).catch(() => {});
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  const deadline = setTimeout(() => child.kill("SIGKILL"), 30_000);
-  let seen = "";
-  try {
-    while (!options.ready.test(seen)) {
-      const { value, done } = await reader.read();
-      if (done) {
-        await child.status;
-        await stderrDone;
-        throw new Error(`arca ${args.join(" ")} exited before it was ready: ${errors}`);
-      }
-      seen += value;
-    }
-  } finally {
-    clearTimeout(deadline);
-  }
-  (async () => {
-    while (!(await reader.read()).done);
-  })().catch(() => {});
-  return {
-    stderr: () => errors,
-    async stop() {
-      try {
-        child.kill("SIGTERM");
-      } catch { /* already gone */ }
-      const timer = setTimeout(() => {
-        try {
-          child.kill("SIGKILL");
-        } catch { /* already gone */ }
-      }, 5000);
-      await child.status;
-      clearTimeout(timer);
-      await stderrDone;
-    },
-  };
 }
 
 /** Polls `check` every 100 ms until it holds or `attempts` run out. */
@@ -360,7 +305,7 @@ Deno.test({
       assert.equal(await Deno.readTextFile(`${spoolDir}/${files[0]}`), `${storePath}\n`);
 
       // ...and arca serve, started with the module's command line and config, imports it.
-      const server = await startArca(localArgv(argv, `${runtime}/config.toml`), {
+      const server = await startArcaProcess(localArgv(argv, `${runtime}/config.toml`), {
         env: home.env,
         ready: /Serving /,
       });
