@@ -52,6 +52,7 @@ export class Metrics {
     status: number,
     bytes: number,
     seconds: number,
+    hitSource: "local" | "peer" | "upstream" = "local",
   ) {
     const key = `route="${route}",method="${
       method === "GET" || method === "HEAD" || method === "PUT" ? method : "other"
@@ -69,7 +70,7 @@ export class Metrics {
       histogram.count++;
     }
     if (route === "nar" && method === "GET" && (status === 200 || status === 206)) {
-      this.#hits.set("local", this.#hits.get("local")! + 1);
+      this.#hits.set(hitSource, this.#hits.get(hitSource)! + 1);
     }
   }
 

@@ -10,6 +10,15 @@
  *   file is present, a regular file (no symlink) and of the size its manifest records
  * - `GET|HEAD /<hash>.ls` (the NAR listing)
  *
+ * Paths this cache does not hold may come from {@link PathSource}s (swarm peers, upstream
+ * caches), asked in order after the local cache. Their narinfos are served uncompressed:
+ * `Compression: none`, `URL: nar/<nix32 NarHash>.nar`, FileHash = NarHash, FileSize =
+ * NarSize (the encoding this node serves before it holds the NAR), with the origin's
+ * signatures. That URL keeps working once the path is local (Nix caches narinfos): a
+ * `.nar` URL not found by FileHash is looked up by NarHash and served decompressed. A NAR
+ * streamed from a source passes through {@link verifyNarStream}, so a wrong NAR is never a
+ * complete 200 body.
+ *
  * Request paths are read raw (before URL normalization) and must consist of the few
  * characters these routes use: anything with `..`, `//`, `%`, NUL, a backslash or over
  * 512 bytes is a 400, an unknown route a 404. No file name is ever built from a request
@@ -32,7 +41,7 @@ import { BoundedCache, type StoredPath } from "../cache/metadata.ts";
 import { formatNarInfo } from "../cache/narinfo.ts";
 import { isNixBase32 } from "../cache/nixbase32.ts";
 import type { SecretKey } from "../cache/signing.ts";
-import { isValidHashPart } from "../cache/store_path.ts";
+import { isValidHashPart, parseStorePath } from "../cache/store_path.ts";
 import { BuildLogs } from "../cache/build_logs.ts";
 import type { ChunkCompression } from "../cache/compression.ts";
 import type { SegmentConfig } from "../config.ts";
@@ -40,6 +49,46 @@ import { hasToken } from "./auth.ts";
 import { ServeRecorder } from "./serve_recorder.ts";
 import { UploadReceiver } from "./uploads.ts";
 import { Metrics, routeOf } from "./metrics.ts";
+import type { NarInfo } from "../cache/narinfo.ts";
+import { encodeNixBase32 } from "../cache/nixbase32.ts";
+import { formatNixHash, parseNixHash } from "../cache/hash.ts";
+import { verifyNarStream } from "../cache/verified_nar.ts";
+
+/** What a {@link PathSource} knows of a path this cache lacks: its signed metadata. */
+export interface SourcePath {
+  storePath: string;
+  /** Any SHA-256 form. */
+  narHash: string;
+  narSize: number;
+  /** Base names. */
+  references: string[];
+  deriver?: string;
+  ca?: string;
+  sigs: string[];
+}
+
+/**
+ * Where paths this cache does not hold come from: swarm peers, upstream caches.
+ * Implementations answer within their own timeouts, and only for paths they can deliver
+ * now (a narinfo served is a promise that its NAR follows).
+ */
+export interface PathSource {
+  /** Where hits are counted in the metrics. */
+  readonly kind: "peer" | "upstream";
+  /** The path with this hash part, or null when this source cannot deliver it now. */
+  lookup(hashPart: string): Promise<SourcePath | null>;
+  /**
+   * A path by its NarHash (`sha256:<nix32>`), for `.nar` requests whose narinfo this
+   * process did not serve (Nix caches narinfos across runs); optional.
+   */
+  lookupByNarHash?(narHash: string): Promise<{ hashPart: string; path: SourcePath } | null>;
+  /**
+   * The uncompressed NAR of a path {@link PathSource.lookup} returned (the server checks
+   * it against NarHash and NarSize as it streams). NotFoundError when it cannot be had
+   * after all.
+   */
+  openNar(hashPart: string, path: SourcePath): Promise<ReadableStream<Uint8Array>>;
+}
 
 /** Options of {@link createHandler}. */
 export interface HandlerOptions {
@@ -60,6 +109,8 @@ export interface HandlerOptions {
   readToken?: string;
   /** How often NAR downloads are written to the access times and the audit log (ms; 60 s). */
   serveLogIntervalMs?: number;
+  /** Asked in order for paths this cache does not hold. */
+  sources?: readonly PathSource[];
 }
 
 /**
@@ -157,6 +208,8 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   const uploads = options.upload
     ? new UploadReceiver(cache, { ...options.upload, signingKey: options.signingKey })
     : undefined;
+  // Where the data of NAR responses not served from local chunk files came from.
+  const hitSources = new WeakMap<Response, "local" | "peer" | "upstream">();
   const readTokens = [options.readToken, options.upload?.token].filter((t) => t !== undefined);
 
   // Narinfos as served (signed on the fly when there is a signing key), by hash part, with
@@ -190,8 +243,79 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   async function narinfo(hashPart: string, head: boolean): Promise<Response> {
     // The stored text is served as it is (it was checked when written and when read).
     const stored = await cache.metadata.getStoredPath(hashPart);
-    if (stored === null) throw new HttpError(404, "No such path");
+    if (stored === null) return await narinfoFromSources(hashPart, head);
     return narinfoResponse(hashPart, stored, head);
+  }
+
+  // Paths served from sources, by the nix32 NarHash of their `.nar` URL.
+  const fromSources = new BoundedCache<string, SourceEntry>(SOURCE_ENTRY_LIMITS);
+  const narHashIndex = new NarHashIndex(cache);
+
+  async function narinfoFromSources(hashPart: string, head: boolean): Promise<Response> {
+    for (const source of options.sources ?? []) {
+      let path: SourcePath | null;
+      try {
+        path = await source.lookup(hashPart);
+      } catch (error) {
+        options.log?.(`Lookup of ${hashPart} (${source.kind}) failed: ${errorText(error)}`);
+        continue;
+      }
+      if (path === null) continue;
+      const narInfo = sourceNarInfo(path);
+      if (options.signingKey !== undefined) addSignature(narInfo, options.signingKey);
+      fromSources.set(narHashPart(narInfo.narHash), { hashPart, path, source });
+      const body = new TextEncoder().encode(formatNarInfo(narInfo));
+      return new Response(head ? null : body, {
+        headers: { "content-type": "text/x-nix-narinfo", "content-length": String(body.length) },
+      });
+    }
+    throw new HttpError(404, "No such path");
+  }
+
+  /** A `.nar` URL that is no FileHash here: a NAR by its NarHash, served uncompressed. */
+  async function narByNarHash(nix32: string, request: Request): Promise<Response> {
+    const narHash = `sha256:${nix32}`;
+    let entry = fromSources.get(nix32);
+    // A path fetched earlier (or imported since) is served from here.
+    const localHashPart = entry?.hashPart ?? await narHashIndex.find(narHash);
+    if (localHashPart !== undefined) {
+      const found = await cache.narOfPath(localHashPart);
+      if (found !== null && narHashPart(found.record.narInfo.narHash) === nix32) {
+        const { manifest, record } = await storedNarOrThrow(found);
+        if (request.method === "GET") recorder.record(record);
+        return narResponse(request, manifest.narSize, () => cache.openNar(manifest), "local");
+      }
+    }
+    for (const source of options.sources ?? []) {
+      if (entry !== undefined) break;
+      const known = await source.lookupByNarHash?.(narHash).catch((error) => {
+        options.log?.(`Lookup of NAR ${nix32} (${source.kind}) failed: ${errorText(error)}`);
+        return null;
+      });
+      if (known) entry = { ...known, source };
+    }
+    if (entry === undefined) throw new HttpError(404, "No such NAR");
+    const { hashPart, path, source } = entry;
+    const open = async () =>
+      (await source.openNar(hashPart, path)).pipeThrough(
+        verifyNarStream({ narHash, narSize: path.narSize, name: `NAR of ${path.storePath}` }),
+      );
+    const body = request.method === "HEAD" ? null : await open();
+    return narResponse(request, path.narSize, () => body!, source.kind);
+  }
+
+  function narResponse(
+    request: Request,
+    size: number,
+    open: () => ReadableStream<Uint8Array>,
+    hitSource: "local" | "peer" | "upstream",
+  ): Response {
+    const response = new Response(request.method === "HEAD" ? null : open(), {
+      status: 200,
+      headers: { "content-type": "application/x-nix-nar", "content-length": String(size) },
+    });
+    hitSources.set(response, hitSource);
+    return response;
   }
 
   /**
@@ -238,6 +362,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       });
     }
     const found = await cache.findNar(`sha256:${match[1]}`);
+    if (found === null && match[2] === "nar") return await narByNarHash(match[1], request);
     if (found && narFileExtension(found.manifest.compression) !== match[2]) {
       throw new HttpError(404, "No such NAR in that compression");
     }
@@ -386,6 +511,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       response.status,
       request.method === "HEAD" ? 0 : Number(response.headers.get("content-length") ?? 0),
       (performance.now() - started) / 1000,
+      hitSources.get(response),
     );
     return response;
   }
@@ -410,6 +536,77 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       await uploads?.close();
     },
   });
+}
+
+/** A path served from a source: what it is, and where to get its NAR. */
+interface SourceEntry {
+  hashPart: string;
+  path: SourcePath;
+  source: PathSource;
+}
+
+/** Limits of the handler's memory of paths served from sources. */
+const SOURCE_ENTRY_LIMITS = { maxEntries: 65536, maxWeight: 65536 };
+
+/** The narinfo served for a path from a source: uncompressed, at `nar/<nix32 NarHash>.nar`. */
+export function sourceNarInfo(path: SourcePath): NarInfo {
+  const narHash = formatNixHash(parseNixHash(path.narHash));
+  return {
+    storePath: path.storePath,
+    url: `nar/${narHashPart(narHash)}.nar`,
+    compression: "none",
+    fileHash: narHash,
+    fileSize: path.narSize,
+    narHash,
+    narSize: path.narSize,
+    references: [...path.references],
+    deriver: path.deriver,
+    sigs: [...path.sigs],
+    ca: path.ca,
+  };
+}
+
+/** The nix32 digest of a SHA-256 hash in any form. */
+function narHashPart(hash: string): string {
+  return encodeNixBase32(parseNixHash(hash));
+}
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/**
+ * Local paths by NarHash, for `.nar` URLs of narinfos served before the path was local. Built
+ * by listing the metadata on a miss, at most once a minute.
+ */
+class NarHashIndex {
+  #cache: Cache;
+  #byNarHash = new Map<string, string>();
+  #builtAt = -Infinity;
+  #building: Promise<void> | null = null;
+
+  constructor(cache: Cache) {
+    this.#cache = cache;
+  }
+
+  /** The hash part of a local path with this NarHash, if any. */
+  async find(narHash: string): Promise<string | undefined> {
+    const key = narHashPart(narHash);
+    const known = this.#byNarHash.get(key);
+    if (known !== undefined || performance.now() - this.#builtAt < 60_000) return known;
+    this.#building ??= this.#build().finally(() => this.#building = null);
+    await this.#building;
+    return this.#byNarHash.get(key);
+  }
+
+  async #build(): Promise<void> {
+    const index = new Map<string, string>();
+    for await (const record of this.#cache.listPaths()) {
+      index.set(narHashPart(record.narInfo.narHash), parseStorePath(record.narInfo.storePath).hash);
+    }
+    this.#byNarHash = index;
+    this.#builtAt = performance.now();
+  }
 }
 
 function unauthorized(): HttpError {

@@ -1,0 +1,230 @@
+/**
+ * The substituter's path sources (peers, upstreams) in-process: narinfos of paths this
+ * cache lacks are served uncompressed at `nar/<NarHash>.nar` with the origin's signatures,
+ * their NARs stream through the NarHash check (a wrong NAR never ends as a complete body),
+ * the same URL serves the path decompressed once it is local, and a failing source is
+ * skipped. The sources here are small in-memory ones; the real ones have their own tests.
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { encodeNar } from "../../src/cache/nar.ts";
+import { formatNixHash } from "../../src/cache/hash.ts";
+import { parseNarInfo } from "../../src/cache/narinfo.ts";
+import {
+  generateSecretKey,
+  publicKeyOf,
+  signNarInfo,
+  verifyNarInfoSignatures,
+} from "../../src/cache/signing.ts";
+import { createHandler, type PathSource, type SourcePath } from "../../src/net/server.ts";
+import { verifyNarStream } from "../../src/cache/verified_nar.ts";
+import {
+  fakeStorePath,
+  hashPartOf,
+  importFixture,
+  makeCacheFixture,
+  pseudoRandomBytes,
+} from "../helpers/cache_fixture.ts";
+
+const BASE = "http://cache.test";
+
+function sha256Nix(bytes: Uint8Array): string {
+  return formatNixHash(new Uint8Array(createHash("sha256").update(bytes).digest()));
+}
+
+/** A NAR of one regular file of `size` pseudo-random bytes. */
+function narOf(size: number, seed: number): Uint8Array {
+  return encodeNar({ type: "regular", contents: pseudoRandomBytes(size, seed) });
+}
+
+/** A source holding `nars` (by hash part); `corrupt` flips a byte of what it sends. */
+function memorySource(
+  paths: Map<string, { path: SourcePath; nar: Uint8Array }>,
+  options: { corrupt?: boolean; kind?: "peer" | "upstream"; fail?: boolean } = {},
+): PathSource & { opened: number } {
+  return {
+    kind: options.kind ?? "peer",
+    opened: 0,
+    lookup(hashPart) {
+      if (options.fail) return Promise.reject(new Error("source is down"));
+      return Promise.resolve(paths.get(hashPart)?.path ?? null);
+    },
+    openNar(hashPart) {
+      this.opened++;
+      const nar = paths.get(hashPart)!.nar.slice();
+      if (options.corrupt) nar[nar.length - 100] ^= 1;
+      // Several pieces, as a network source would deliver them.
+      const pieces: Uint8Array[] = [];
+      for (let i = 0; i < nar.length; i += 10_000) pieces.push(nar.subarray(i, i + 10_000));
+      return Promise.resolve(ReadableStream.from(pieces));
+    },
+  };
+}
+
+function signedPath(storePath: string, nar: Uint8Array, key = generateSecretKey("origin-1")) {
+  const path: SourcePath = {
+    storePath,
+    narHash: sha256Nix(nar),
+    narSize: nar.length,
+    references: [],
+    sigs: [],
+  };
+  path.sigs = [signNarInfo({ ...path, url: "x", compression: "none" }, key)];
+  return { path, key };
+}
+
+Deno.test("a path from a source is served uncompressed, with its signatures, and checked", async () => {
+  const fixture = await makeCacheFixture();
+  try {
+    const storePath = fakeStorePath("from-peer");
+    const nar = narOf(300_000, 7);
+    const { path, key } = signedPath(storePath, nar);
+    const source = memorySource(new Map([[hashPartOf(storePath), { path, nar }]]));
+    const handler = createHandler(fixture.cache, { priority: 40, sources: [source] });
+    try {
+      const response = await handler(new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`));
+      assert.equal(response.status, 200);
+      const info = parseNarInfo(await response.text());
+      assert.equal(info.compression, "none");
+      assert.equal(info.narHash, path.narHash);
+      assert.equal(info.fileHash, path.narHash);
+      assert.equal(info.fileSize, nar.length);
+      assert.equal(info.url, `nar/${path.narHash.slice("sha256:".length)}.nar`);
+      assert.equal(verifyNarInfoSignatures(info, [publicKeyOf(key)]), true);
+      assert.equal(source.opened, 0, "a narinfo request fetches no NAR");
+
+      const head = await handler(new Request(`${BASE}/${info.url}`, { method: "HEAD" }));
+      assert.equal(head.status, 200);
+      assert.equal(head.headers.get("content-length"), String(nar.length));
+      assert.equal(source.opened, 0, "a HEAD fetches no NAR");
+
+      const got = await handler(new Request(`${BASE}/${info.url}`));
+      assert.equal(got.status, 200);
+      assert.deepEqual(new Uint8Array(await got.arrayBuffer()), nar);
+      assert.match(
+        await handler.metrics.render(fixture.cache),
+        /arca_cache_hits_total\{source="peer"\} 1/,
+      );
+    } finally {
+      await handler.close();
+    }
+  } finally {
+    await fixture.close();
+  }
+});
+
+Deno.test("a source's wrong NAR never ends as a complete body", async () => {
+  const fixture = await makeCacheFixture();
+  try {
+    const storePath = fakeStorePath("corrupted");
+    const nar = narOf(200_000, 8);
+    const { path } = signedPath(storePath, nar);
+    const source = memorySource(new Map([[hashPartOf(storePath), { path, nar }]]), {
+      corrupt: true,
+    });
+    const handler = createHandler(fixture.cache, { priority: 40, sources: [source] });
+    try {
+      const info = parseNarInfo(
+        await (await handler(new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`))).text(),
+      );
+      const response = await handler(new Request(`${BASE}/${info.url}`));
+      assert.equal(response.status, 200);
+      const reader = response.body!.getReader();
+      let received = 0;
+      await assert.rejects(async () => {
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) return;
+          received += value.length;
+        }
+      }, /hashes to/);
+      assert.ok(received < nar.length, `only ${received} of ${nar.length} bytes were sent`);
+    } finally {
+      await handler.close();
+    }
+  } finally {
+    await fixture.close();
+  }
+});
+
+Deno.test("sources: a failing one is skipped, none that knows the path is a 404", async () => {
+  const fixture = await makeCacheFixture();
+  try {
+    const storePath = fakeStorePath("second-source");
+    const nar = narOf(1000, 9);
+    const { path } = signedPath(storePath, nar);
+    const down = memorySource(new Map(), { fail: true });
+    const upstream = memorySource(new Map([[hashPartOf(storePath), { path, nar }]]), {
+      kind: "upstream",
+    });
+    const logged: string[] = [];
+    const handler = createHandler(fixture.cache, {
+      priority: 40,
+      sources: [down, upstream],
+      log: (line) => logged.push(line),
+    });
+    try {
+      const response = await handler(new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`));
+      assert.equal(response.status, 200);
+      const info = parseNarInfo(await response.text());
+      const got = await handler(new Request(`${BASE}/${info.url}`));
+      assert.deepEqual(new Uint8Array(await got.arrayBuffer()), nar);
+      assert.ok(logged.some((line) => line.includes("source is down")));
+      const other = fakeStorePath("nowhere");
+      const missing = await handler(new Request(`${BASE}/${hashPartOf(other)}.narinfo`));
+      assert.equal(missing.status, 404);
+      await missing.body?.cancel();
+      const unknownNar = await handler(new Request(`${BASE}/nar/${"0".repeat(52)}.nar`));
+      assert.equal(unknownNar.status, 404);
+      await unknownNar.body?.cancel();
+    } finally {
+      await handler.close();
+    }
+  } finally {
+    await fixture.close();
+  }
+});
+
+Deno.test("a NarHash URL keeps working once the path is local, served decompressed", async () => {
+  const fixture = await makeCacheFixture();
+  try {
+    const nar = narOf(500_000, 10);
+    const imported = await importFixture(fixture.cache, nar, { storePath: fakeStorePath("local") });
+    // A fresh handler (as after a restart): it never served this path's source narinfo.
+    const handler = createHandler(fixture.cache, { priority: 40, sources: [] });
+    try {
+      const url = `nar/${sha256Nix(nar).slice("sha256:".length)}.nar`;
+      const response = await handler(new Request(`${BASE}/${url}`));
+      assert.equal(response.status, 200);
+      assert.equal(response.headers.get("content-length"), String(nar.length));
+      assert.deepEqual(new Uint8Array(await response.arrayBuffer()), nar);
+      assert.equal(imported.nar.length, nar.length);
+    } finally {
+      await handler.close();
+    }
+  } finally {
+    await fixture.close();
+  }
+});
+
+Deno.test("verifyNarStream: passes a right NAR whole, refuses a long, short or wrong one", async () => {
+  const nar = narOf(100_000, 11);
+  const claims = { narHash: sha256Nix(nar), narSize: nar.length };
+  const pieces = (bytes: Uint8Array) =>
+    ReadableStream.from([bytes.subarray(0, 40_000), bytes.subarray(40_000)]);
+  const read = async (stream: ReadableStream<Uint8Array>) =>
+    new Uint8Array(await new Response(stream).arrayBuffer());
+  assert.deepEqual(await read(pieces(nar).pipeThrough(verifyNarStream(claims))), nar);
+  const longer = new Uint8Array(nar.length + 1);
+  longer.set(nar);
+  await assert.rejects(read(pieces(longer).pipeThrough(verifyNarStream(claims))), /longer/);
+  await assert.rejects(
+    read(pieces(nar.subarray(0, nar.length - 1)).pipeThrough(verifyNarStream(claims))),
+    /bytes, its NarSize/,
+  );
+  const wrong = nar.slice();
+  wrong[5] ^= 1;
+  await assert.rejects(read(pieces(wrong).pipeThrough(verifyNarStream(claims))), /hashes to/);
+});
