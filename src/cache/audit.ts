@@ -1,7 +1,7 @@
 /**
  * The audit log: an append-only record of every change to the cache and of its use —
- * `Import`, `Upload`, `SyncReceive`, `Serve`, `GarbageCollect` — with time, store path,
- * segment and detail.
+ * `Import`, `Upload`, `SyncReceive`, `Fetch` (a path made local from swarm peers or an
+ * upstream cache), `Serve`, `GarbageCollect` — with time, store path, segment and detail.
  *
  * It is one JSON object per line in `<cacheDir>/audit.log`, for both metadata backends.
  * Each batch of events is appended with a single `write` on a file opened with O_APPEND, so
@@ -15,7 +15,13 @@
 import { join } from "node:path";
 
 /** The kinds of audited events. */
-export type AuditEventType = "Import" | "Upload" | "SyncReceive" | "Serve" | "GarbageCollect";
+export type AuditEventType =
+  | "Import"
+  | "Upload"
+  | "SyncReceive"
+  | "Fetch"
+  | "Serve"
+  | "GarbageCollect";
 
 /** One audited event. */
 export interface AuditEvent {
@@ -31,6 +37,7 @@ const EVENT_TYPES: AuditEventType[] = [
   "Import",
   "Upload",
   "SyncReceive",
+  "Fetch",
   "Serve",
   "GarbageCollect",
 ];

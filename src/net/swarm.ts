@@ -28,7 +28,7 @@
  *   signatures) only when src/net/sync_records.ts accepts it for the segment: well formed,
  *   signed by a key the segment trusts, passing its filter. Accepted records are audited as
  *   SyncReceive. Unsigned local paths are never offered: no peer could accept them.
- * - Push: the audit log is the change feed: new Import/Upload lines are pushed to the
+ * - Push: the audit log is the change feed: new Import/Upload/Fetch lines are pushed to the
  *   segment's sessions within a second; every session also reconciles periodically.
  * - Status: `<cacheDir>/swarm-status.json` is rewritten every 2 s for `arca status`.
  * @module
@@ -706,7 +706,7 @@ export class Swarm {
       try {
         const event = JSON.parse(line);
         if (
-          (event.type === "Import" || event.type === "Upload") &&
+          (event.type === "Import" || event.type === "Upload" || event.type === "Fetch") &&
           typeof event.storePath === "string"
         ) {
           paths.add(event.storePath);
