@@ -78,6 +78,8 @@ export interface ImportOptions {
   segment?: string;
   /** How the audit log names the event; default "Import". */
   auditAs?: AuditEventType;
+  /** Said before the NAR's size in the audit event's detail (e.g. where it came from). */
+  auditDetail?: string;
 }
 
 /** An uploaded NAR, chunked and held apart until its narinfo arrives. */
@@ -272,6 +274,21 @@ export class Cache {
     return record;
   }
 
+  /**
+   * Commits a NAR whose chunk files are already durable in this cache's store (fetched from
+   * peers): checks `meta`'s claims against `manifest`, writes the manifest, then the
+   * record. The caller holds the writer lock ({@link withWriterLock}) from before it wrote
+   * the first chunk file until this returns, so that no sweep removes them in between.
+   */
+  commitFetchedNar(
+    manifest: Manifest,
+    meta: PathMetadata,
+    options: Omit<ImportOptions, "compressor" | "compression">,
+  ): Promise<PathRecord> {
+    checkClaims(meta, manifest);
+    return this.#commit(manifest, meta, { ...options, compression: manifest.compression });
+  }
+
   /** Removes a staged NAR that will not be committed. */
   async discardStaged(staged: StagedNar): Promise<void> {
     await Deno.remove(staged.dir, { recursive: true }).catch((error) => {
@@ -309,7 +326,9 @@ export class Cache {
       type: options.auditAs ?? "Import",
       storePath: meta.storePath,
       segment: record.segment,
-      detail: `${manifest.narSize} NAR bytes in ${manifest.chunks.length} chunks`,
+      detail: `${
+        options.auditDetail ? `${options.auditDetail}: ` : ""
+      }${manifest.narSize} NAR bytes in ${manifest.chunks.length} chunks`,
     }]);
     return record;
   }

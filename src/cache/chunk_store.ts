@@ -371,6 +371,24 @@ export class ChunkStore {
     }
   }
 
+  /**
+   * Writes a chunk file under a temporary name next to its final one, without fsync, for a
+   * {@link ChunkFileCommitter} to make durable and link (chunks fetched from peers).
+   * `suffix` names the writer, as {@link ChunkBatchTarget.tmpSuffix} does.
+   */
+  async writeTemporary(
+    id: string,
+    compression: ChunkCompression,
+    bytes: Uint8Array,
+    suffix: string,
+  ): Promise<{ temporary: string; path: string }> {
+    const path = this.chunkPath(id, compression);
+    await this.#ensureDirectory(join(this.#root, id.slice(0, 2)));
+    const temporary = `${path}${TEMPORARY_MARKER}${suffix}`;
+    await Deno.writeFile(temporary, bytes);
+    return { temporary, path };
+  }
+
   /** Creates `dir` (and the store root) if needed, fsyncing the parent of what it creates. */
   async #ensureDirectory(dir: string): Promise<void> {
     try {

@@ -7,7 +7,15 @@
 import type { Command } from "commander";
 import { RemoteRecords } from "../cache/remote_records.ts";
 import { readSwarmStatus } from "../net/metrics.ts";
+import type { FetchStatus } from "../net/swarm.ts";
 import { formatBytes, openCache, settingsOf } from "./common.ts";
+
+/** The peer fetch figures of a running swarm (with `--also-serve`), or null. */
+function peerFetchOf(fetch: FetchStatus | undefined) {
+  if (fetch === undefined) return null;
+  const served = fetch.narsServedLocal + fetch.narsServedFromPeers;
+  return { ...fetch, localHitRatio: served === 0 ? null : fetch.narsServedLocal / served };
+}
 
 /** The number of records known from peers. */
 async function countRemote(cacheDir: string): Promise<number> {
@@ -47,6 +55,7 @@ export function registerStatus(program: Command): void {
           peers: swarm?.segments.flatMap((segment) =>
             segment.peers.map((peer) => ({ segment: segment.name, ...peer }))
           ) ?? [],
+          peerFetch: peerFetchOf(swarm?.fetch),
         };
         if (flags.json) {
           console.log(JSON.stringify(status, null, 2));
@@ -82,9 +91,26 @@ export function registerStatus(program: Command): void {
             console.log(
               `    ${peer.id.slice(0, 16)} ${peer.address ?? "?"}:${peer.syncPort ?? "?"} ${
                 peer.connected ? "connected" : "disconnected"
-              }, last seen ${peer.lastSeen}, records sent ${peer.recordsSent}, received ${peer.recordsReceived} (${peer.recordsAccepted} accepted)`,
+              }, last seen ${peer.lastSeen}, records sent ${peer.recordsSent}, received ${peer.recordsReceived} (${peer.recordsAccepted} accepted), chunks sent ${peer.chunksServed} (${
+                formatBytes(peer.bytesServed)
+              }), received ${peer.chunksReceived} (${formatBytes(peer.bytesReceived)})`,
             );
           }
+        }
+        const fetched = status.peerFetch;
+        if (fetched !== null) {
+          console.log(
+            `peer fetch:   ${fetched.narsFetched} NARs (${
+              formatBytes(fetched.narBytes)
+            }) fetched with ${
+              formatBytes(fetched.bytesFetched)
+            } from peers, ${fetched.chunksReused} chunks reused, ${fetched.narsFailed} failed`,
+          );
+          console.log(
+            `NARs served:  ${fetched.narsServedLocal} local, ${fetched.narsServedFromPeers} via peers (local hit ratio ${
+              fetched.localHitRatio === null ? "n/a" : fetched.localHitRatio.toFixed(2)
+            })`,
+          );
         }
       } finally {
         cache.close();

@@ -14,6 +14,7 @@ import { DEFAULT_DISCOVERY_PORT, parseHostPort } from "../net/discovery.ts";
 import { loadIdentity, Swarm, type SwarmSegment } from "../net/swarm.ts";
 import { type GlobalOptions, openCache, settingsOf, signingKeyOf } from "./common.ts";
 import { startSubstituter } from "./serve.ts";
+import { PeerFetcher } from "../net/peer_fetch.ts";
 
 interface SwarmFlags {
   topic?: string;
@@ -167,17 +168,6 @@ export function registerSwarm(program: Command): void {
       const cache = await openCache(settings);
       const identity = await loadIdentity(settings.cacheDir);
       const httpPort = port("--http-port", flags.httpPort);
-      // The same substituter as `serve`: uploads and reads per the tokens, the spool drained.
-      const substituter = flags.alsoServe
-        ? await startSubstituter(cache, settings, {
-          address: parseBindAddress(`${flags.bindAddress}:${httpPort}`),
-          signingKey,
-          verbose,
-          metricsAddress: flags.metricsBind === undefined
-            ? undefined
-            : parseBindAddress(flags.metricsBind),
-        })
-        : undefined;
       const swarm = new Swarm(cache, {
         segments,
         identity,
@@ -197,6 +187,26 @@ export function registerSwarm(program: Command): void {
           if (!message.startsWith("swarm: cannot connect")) log(message);
         },
       });
+      // The same substituter as `serve` (uploads and reads per the tokens, the spool
+      // drained), which also serves what peers hold, fetching it from them.
+      const fetcher = new PeerFetcher(cache, swarm, { compression: settings.compression, log });
+      const substituter = flags.alsoServe
+        ? await startSubstituter(cache, settings, {
+          address: parseBindAddress(`${flags.bindAddress}:${httpPort}`),
+          signingKey,
+          verbose,
+          metricsAddress: flags.metricsBind === undefined
+            ? undefined
+            : parseBindAddress(flags.metricsBind),
+          peerSources: [fetcher],
+        })
+        : undefined;
+      if (substituter) {
+        swarm.setFetchStatus(() => {
+          const hits = substituter.metrics.hits();
+          return { ...fetcher.stats, narsServedLocal: hits.local, narsServedFromPeers: hits.peer };
+        });
+      }
       await swarm.start();
       console.log(
         `Swarm node ${swarm.nodeId.slice(0, 16)} sharing ${segments.map((s) => s.name).join(", ")}`,
@@ -210,8 +220,9 @@ export function registerSwarm(program: Command): void {
       } finally {
         Deno.removeSignalListener("SIGINT", stop);
         Deno.removeSignalListener("SIGTERM", stop);
-        await swarm.stop();
         await substituter?.stop();
+        await fetcher.settle();
+        await swarm.stop();
         cache.close();
       }
     });

@@ -74,6 +74,15 @@ export class Metrics {
     }
   }
 
+  /** NAR responses by where their data came from. */
+  hits(): { local: number; peer: number; upstream: number } {
+    return {
+      local: this.#hits.get("local")!,
+      peer: this.#hits.get("peer")!,
+      upstream: this.#hits.get("upstream")!,
+    };
+  }
+
   /** The exposition text, with the store and swarm figures of `cache`. */
   async render(cache: Cache): Promise<string> {
     const lines: string[] = [];

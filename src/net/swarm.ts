@@ -30,6 +30,10 @@
  *   SyncReceive. Unsigned local paths are never offered: no peer could accept them.
  * - Push: the audit log is the change feed: new Import/Upload/Fetch lines are pushed to the
  *   segment's sessions within a second; every session also reconciles periodically.
+ * - Chunks: each session also carries the chunk protocol (src/net/chunk_session.ts): peers
+ *   may fetch the NARs of this segment's local paths; the peer fetcher
+ *   (src/net/peer_fetch.ts) uses {@link Swarm.connectedPeers} to fetch from them. A peer
+ *   that sends a chunk that is not what it claims is dropped and banned for 5 minutes.
  * - Status: `<cacheDir>/swarm-status.json` is rewritten every 2 s for `arca status`.
  * @module
  */
@@ -48,6 +52,8 @@ import { type DiscoveredPeer, Discovery } from "./discovery.ts";
 import { generateStaticKeyPair, type KeyPair, x25519PublicKey } from "./noise.ts";
 import { openSecureChannel } from "./secure_channel.ts";
 import { SyncSession } from "./sync.ts";
+import { type ChunkProvider, ChunkSession, type ChunkSessionStats } from "./chunk_session.ts";
+import type { PeerFetchStats, PeerHandle } from "./peer_fetch.ts";
 import {
   judgeRecord,
   mergeSignatures,
@@ -99,6 +105,10 @@ interface PeerState {
   syncPort?: number;
   lastSeen: number;
   session?: SyncSession;
+  /** The chunk protocol on the session's channel, with the handle the fetcher uses. */
+  chunks?: { session: ChunkSession; handle: PeerHandle };
+  /** Chunk counters of ended sessions. */
+  chunkStats: ChunkSessionStats;
   sessionInitiator?: string;
   dialing: boolean;
   failures: number;
@@ -208,6 +218,7 @@ export class Swarm {
   #pendingByAddress = new Map<string, number>();
   #droppedPending = 0;
   #droppedLoggedAt = 0;
+  #fetchStatus?: () => FetchStatus;
   readonly nodeId: string;
 
   constructor(cache: Cache, options: SwarmOptions) {
@@ -317,6 +328,7 @@ export class Swarm {
         recordsSent: 0,
         recordsReceived: 0,
         recordsAccepted: 0,
+        chunkStats: { chunksServed: 0, bytesServed: 0, chunksReceived: 0, bytesReceived: 0 },
       };
       this.#peers.set(key, peer);
     }
@@ -495,6 +507,7 @@ export class Swarm {
       }
       this.#track(peer.session.channel.close());
     }
+    const chunkSession = new ChunkSession(channel, this.#chunkProvider(segment));
     const session = new SyncSession(channel, {
       initiator,
       source: {
@@ -502,8 +515,24 @@ export class Swarm {
         knownIds: () => peer.known.values(),
         receive: (records) => this.#receive(peer, records),
       },
+      chunks: (message) => chunkSession.handle(message),
     });
     peer.session = session;
+    const chunks = {
+      session: chunkSession,
+      handle: {
+        nodeId,
+        segment,
+        chunks: chunkSession,
+        drop: (reason: string) => {
+          this.#options.log(`swarm: dropping ${nodeId.slice(0, 16)} (${segment}): ${reason}`);
+          peer.bannedUntil = Date.now() + BAN_MS;
+          chunkSession.close(`Dropped: ${reason}`);
+          this.#track(channel.close());
+        },
+      },
+    };
+    peer.chunks = chunks;
     peer.sessionInitiator = initiatorId;
     this.#options.log(`swarm: connected to ${nodeId.slice(0, 16)} for ${segment}`);
     const running = session.run().catch(async (error) => {
@@ -516,11 +545,70 @@ export class Swarm {
     }).finally(() => {
       peer.recordsSent += session.stats.recordsSent;
       peer.recordsReceived += session.stats.recordsReceived;
+      chunkSession.close();
+      addChunkStats(peer.chunkStats, chunkSession.stats);
+      if (peer.chunks === chunks) peer.chunks = undefined;
       if (peer.session === session) peer.session = undefined;
       peer.retryAt = Date.now() + 1000;
     });
     this.#track(running);
     if (initiator) this.#track(session.startRound().catch(() => channel.close()));
+  }
+
+  /** The segments this node shares (for the peer fetcher). */
+  segmentNames(): string[] {
+    return [...this.#segments.keys()];
+  }
+
+  /** The peers of a segment connected now (for the peer fetcher). */
+  connectedPeers(segment: string): PeerHandle[] {
+    const peers: PeerHandle[] = [];
+    for (const peer of this.#peers.values()) {
+      if (peer.segment === segment && peer.chunks && !peer.chunks.session.closed) {
+        peers.push(peer.chunks.handle);
+      }
+    }
+    return peers;
+  }
+
+  /** Reports the peer fetcher's counters in the status file. */
+  setFetchStatus(status: () => FetchStatus): void {
+    this.#fetchStatus = status;
+  }
+
+  /**
+   * What a segment's peers may fetch: manifests of the local paths of this segment whose
+   * chunks are all here, and chunk files as stored.
+   */
+  #chunkProvider(segment: string): ChunkProvider {
+    const config = this.#segments.get(segment)!;
+    const cache = this.#cache;
+    return {
+      async manifestOf(hashPart) {
+        const record = await cache.getPath(hashPart);
+        if (record === null) return null;
+        if (config.localPaths === "segment" && record.segment !== segment) return null;
+        const stored = await cache.narOfPath(hashPart);
+        if (stored === null || (await cache.missingChunks(stored.manifest)).length > 0) {
+          return null;
+        }
+        const { manifest } = stored;
+        return {
+          narHash: manifest.narHash,
+          narSize: manifest.narSize,
+          compression: manifest.compression,
+          chunks: manifest.chunks.map(({ id, size }) => ({ id, size })),
+        };
+      },
+      readChunk(id, compression) {
+        try {
+          return Deno.readFileSync(cache.chunks.chunkPath(id, compression));
+        } catch (error) {
+          if (error instanceof Deno.errors.NotFound) return null;
+          throw error;
+        }
+      },
+    };
   }
 
   /** The records a segment shares: its local paths and the remote records it knows. */
@@ -752,8 +840,14 @@ export class Swarm {
             recordsReceived: p.recordsReceived + (p.session?.stats.recordsReceived ?? 0),
             recordsAccepted: p.recordsAccepted,
             recordsRefused: p.refused,
+            ...addChunkStats(
+              { ...p.chunkStats },
+              p.chunks?.session.stats ??
+                { chunksServed: 0, bytesServed: 0, chunksReceived: 0, bytesReceived: 0 },
+            ),
           })),
       })),
+      fetch: this.#fetchStatus?.(),
     };
   }
 
@@ -783,6 +877,28 @@ export interface SwarmStatus {
       recordsReceived: number;
       recordsAccepted: number;
       recordsRefused: number;
+      /** Chunks (and bytes) this node sent the peer, and received from it. */
+      chunksServed: number;
+      bytesServed: number;
+      chunksReceived: number;
+      bytesReceived: number;
     }[];
   }[];
+  /** Peer fetch and where served NARs came from (with `--also-serve`). */
+  fetch?: FetchStatus;
+}
+
+/** The peer fetcher's counters and the substituter's NAR hits by source. */
+export interface FetchStatus extends PeerFetchStats {
+  /** NAR responses served from the local store, and through a peer fetch. */
+  narsServedLocal: number;
+  narsServedFromPeers: number;
+}
+
+function addChunkStats(into: ChunkSessionStats, more: ChunkSessionStats): ChunkSessionStats {
+  into.chunksServed += more.chunksServed;
+  into.bytesServed += more.bytesServed;
+  into.chunksReceived += more.chunksReceived;
+  into.bytesReceived += more.bytesReceived;
+  return into;
 }

@@ -10,8 +10,10 @@
  *   records (src/net/sync_records.ts), and a sender starts a new message once one holds
  *   {@link RECORDS_MESSAGE_BYTES} of JSON; records are sent for the ids the other side
  *   lacks and pushed for new local paths.
- * Anything else, malformed JSON or a reconciliation error is a ProtocolError that ends the
- * session. What to do with received records is the caller's (it judges them).
+ * Binary messages (first byte below 0x20) belong to the chunk protocol
+ * (src/net/chunk_protocol.ts) and go to the session's `chunks` handler. Anything else,
+ * malformed JSON or a reconciliation error is a ProtocolError that ends the session. What
+ * to do with received records is the caller's (it judges them).
  * @module
  */
 
@@ -21,6 +23,7 @@ import { ProtocolError } from "../errors.ts";
 import { Reconciler, ReconcileStorage } from "./reconcile.ts";
 import type { SecureChannel } from "./secure_channel.ts";
 import { recordId } from "./sync_records.ts";
+import { isChunkMessage } from "./chunk_protocol.ts";
 
 /** Records per `records` message. */
 export const MAX_RECORDS_PER_MESSAGE = 256;
@@ -70,10 +73,21 @@ export class SyncSession {
   #byId = new Map<string, SyncRecord>();
   #sending: Promise<void> = Promise.resolve();
 
-  constructor(channel: SecureChannel, options: { initiator: boolean; source: SegmentSource }) {
+  #chunks?: (message: Uint8Array) => void;
+
+  constructor(
+    channel: SecureChannel,
+    options: {
+      initiator: boolean;
+      source: SegmentSource;
+      /** Takes chunk-protocol messages (throws ProtocolError to end the session). */
+      chunks?: (message: Uint8Array) => void;
+    },
+  ) {
     this.channel = channel;
     this.initiator = options.initiator;
     this.#source = options.source;
+    this.#chunks = options.chunks;
   }
 
   /**
@@ -126,6 +140,11 @@ export class SyncSession {
       const message = await this.channel.receive();
       if (message === null) return;
       this.stats.lastSeen = Date.now();
+      if (isChunkMessage(message)) {
+        if (this.#chunks === undefined) throw new ProtocolError("Invalid sync message: binary");
+        this.#chunks(message);
+        continue;
+      }
       await this.#handle(parseMessage(message));
     }
   }
