@@ -189,7 +189,11 @@ export function registerSwarm(program: Command): void {
       });
       // The same substituter as `serve` (uploads and reads per the tokens, the spool
       // drained), which also serves what peers hold, fetching it from them.
-      const fetcher = new PeerFetcher(cache, swarm, { compression: settings.compression, log });
+      const fetcher = new PeerFetcher(cache, swarm, {
+        compression: settings.compression,
+        segments: settings.segments,
+        log,
+      });
       const substituter = flags.alsoServe
         ? await startSubstituter(cache, settings, {
           address: parseBindAddress(`${flags.bindAddress}:${httpPort}`),

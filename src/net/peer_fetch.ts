@@ -39,6 +39,8 @@ import { IntegrityError, NotFoundError } from "../errors.ts";
 import type { PeerManifest } from "./chunk_protocol.ts";
 import type { ChunkSession } from "./chunk_session.ts";
 import type { PathSource, SourcePath } from "./server.ts";
+import type { SegmentConfig } from "../config.ts";
+import { segmentFor } from "../cache/segments.ts";
 
 /** A connected peer of one segment, as the fetcher uses it. */
 export interface PeerHandle {
@@ -62,6 +64,11 @@ export interface PeerDirectory {
 export interface PeerFetcherOptions {
   /** How this node stores chunks (fetched ones are recompressed if a peer differs). */
   compression: ChunkCompression;
+  /**
+   * The configured segments: a fetched path goes to the one named like the swarm segment
+   * it came through, or else (an ad-hoc topic) to the first whose filter matches.
+   */
+  segments?: readonly SegmentConfig[];
   /** How long a lookup waits for peers' manifests (default 3 s). */
   manifestTimeoutMs?: number;
   /** A chunk request not answered in this time is asked from another peer (default 10 s). */
@@ -131,6 +138,7 @@ export class PeerFetcher implements PathSource {
     this.#options = {
       manifestTimeoutMs: 3000,
       chunkTimeoutMs: 10_000,
+      segments: [],
       ...options,
     };
   }
@@ -271,6 +279,7 @@ class NarFetch {
   #cache: Cache;
   #found: Found;
   #compression: ChunkCompression;
+  #segments: readonly SegmentConfig[];
   #chunkTimeoutMs: number;
   #stats: PeerFetchStats;
   #remote: RemoteRecords;
@@ -304,6 +313,7 @@ class NarFetch {
     found: Found,
     options: {
       compression: ChunkCompression;
+      segments: readonly SegmentConfig[];
       chunkTimeoutMs: number;
       stats: PeerFetchStats;
       remote: RemoteRecords;
@@ -313,6 +323,7 @@ class NarFetch {
     this.#cache = cache;
     this.#found = found;
     this.#compression = options.compression;
+    this.#segments = options.segments;
     this.#chunkTimeoutMs = options.chunkTimeoutMs;
     this.#stats = options.stats;
     this.#remote = options.remote;
@@ -419,7 +430,9 @@ class NarFetch {
       narHash: record.narHash,
       narSize: record.narSize,
     }, {
-      segment: this.#found.segments[0],
+      segment: this.#segments.some((segment) => segment.name === this.#found.segments[0])
+        ? this.#found.segments[0]
+        : segmentFor(this.#segments, record),
       auditAs: "Fetch",
       auditDetail: `from peer(s) ${
         [...this.#peersUsed].map((id) => id.slice(0, 16)).join(", ") || "none"

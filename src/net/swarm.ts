@@ -823,10 +823,16 @@ export class Swarm {
 
   /** The swarm's state, as `arca status` shows it. */
   status(): SwarmStatus {
+    const { httpPort, bindAddress } = this.#options;
     return {
       pid: Deno.pid,
       nodeId: this.nodeId,
       updatedAt: Date.now(),
+      // Where this process serves HTTP (`--also-serve`), for local tools such as `verify`.
+      http: httpPort === 0 ? null : {
+        host: bindAddress === "0.0.0.0" ? "127.0.0.1" : bindAddress === "::" ? "::1" : bindAddress,
+        port: httpPort,
+      },
       segments: this.#options.segments.map((segment) => ({
         name: segment.name,
         peers: [...this.#peers.values()].filter((p) => p.segment === segment.name && p.lastSeen > 0)
@@ -865,6 +871,8 @@ export interface SwarmStatus {
   pid: number;
   nodeId: string;
   updatedAt: number;
+  /** The substituter of this process (`--also-serve`), reachable from this machine. */
+  http?: { host: string; port: number } | null;
   segments: {
     name: string;
     peers: {
