@@ -17,6 +17,7 @@ import { AccessTimes } from "./access_times.ts";
 import { type AuditEventType, AuditLog } from "./audit.ts";
 import { withWriterLock } from "./cache_lock.ts";
 import { ChunkFileCommitter, ChunkStore } from "./chunk_store.ts";
+import { loadLibc, readWholeFileSync } from "./libc.ts";
 import { StreamChunker } from "./chunker.ts";
 import {
   type ChunkBatchTarget,
@@ -148,7 +149,7 @@ export class Cache {
     MANIFEST_CACHE_LIMITS,
   );
   /** Chunk file paths of manifests, in manifest order (computed once per manifest object). */
-  #chunkPaths = new WeakMap<Manifest, string[]>();
+  #chunkPaths = new WeakMap<Manifest, { paths: string[]; cPaths: Uint8Array[] }>();
 
   private constructor(cacheDir: string, backend: MetadataBackend, metadata: MetadataStore) {
     this.cacheDir = cacheDir;
@@ -567,7 +568,7 @@ export class Cache {
    * {@link STAT_BATCH} chunks.
    */
   async missingChunks(manifest: Manifest): Promise<string[]> {
-    const paths = this.#chunkPathsOf(manifest);
+    const { paths } = this.#chunkPathsOf(manifest);
     const seen = new Set<string>();
     const missing: string[] = [];
     for (let i = 0; i < paths.length; i++) {
@@ -603,7 +604,8 @@ export class Cache {
     manifest: Manifest,
     range: { start: number; end: number } = { start: 0, end: manifest.fileSize },
   ): ReadableStream<Uint8Array> {
-    const paths = this.#chunkPathsOf(manifest);
+    const { paths, cPaths } = this.#chunkPathsOf(manifest);
+    const lib = loadLibc();
     const entries = manifest.chunks;
     let index = 0;
     let chunkStart = 0;
@@ -637,7 +639,11 @@ export class Cache {
           const from = Math.max(range.start - chunkStart, 0);
           const to = Math.min(range.end - chunkStart, entry.storedSize);
           if (from === 0 && to === entry.storedSize) {
-            readChunkFileSync(path, entry, piece.subarray(offset, offset + to));
+            const target = piece.subarray(offset, offset + to);
+            // libc is ~3 µs a file cheaper than Deno's API; Deno's says what is wrong.
+            if (lib === null || !readWholeFileSync(lib, cPaths[index], target)) {
+              readChunkFileSync(path, entry, target);
+            }
           } else {
             const whole = new Uint8Array(entry.storedSize);
             readChunkFileSync(path, entry, whole);
@@ -651,14 +657,21 @@ export class Cache {
     }, { highWaterMark: 1 });
   }
 
-  /** The chunk files of a manifest, in order (remembered for cached manifests). */
-  #chunkPathsOf(manifest: Manifest): string[] {
-    let paths = this.#chunkPaths.get(manifest);
-    if (paths === undefined) {
-      paths = manifest.chunks.map((chunk) => this.chunks.chunkPath(chunk.id, manifest.compression));
-      this.#chunkPaths.set(manifest, paths);
+  /**
+   * The chunk files of a manifest, in order, also as NUL-terminated bytes for libc
+   * (remembered for cached manifests).
+   */
+  #chunkPathsOf(manifest: Manifest): { paths: string[]; cPaths: Uint8Array[] } {
+    let known = this.#chunkPaths.get(manifest);
+    if (known === undefined) {
+      const paths = manifest.chunks.map((chunk) =>
+        this.chunks.chunkPath(chunk.id, manifest.compression)
+      );
+      const encoder = new TextEncoder();
+      known = { paths, cPaths: paths.map((path) => encoder.encode(`${path}\0`)) };
+      this.#chunkPaths.set(manifest, known);
     }
-    return paths;
+    return known;
   }
 
   /**

@@ -54,6 +54,7 @@
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
+import { granted, loadLibc, O_RDONLY_CLOEXEC } from "./libc.ts";
 import { FormatError, NotFoundError } from "../errors.ts";
 import {
   type ChunkBatchTarget,
@@ -659,49 +660,9 @@ export function linkTemporaryFiles(pairs: string[]): Uint8Array<ArrayBuffer> {
 // ---------------------------------------------------------------------------------------------
 // Filesystem-wide flush
 
-interface Libc {
-  symbols: {
-    open(path: Uint8Array, flags: number): number;
-    close(fd: number): number;
-    syncfs(fd: number): Promise<number>;
-    ioctl(fd: number, request: bigint, argument: Uint8Array): number;
-  };
-}
-
-/** libc through FFI (null when it cannot be loaded: no --allow-ffi, not Linux, …). */
-let libc: Libc | null | undefined;
 /** Whether `sync -f` may work (false once it failed to run). */
 let syncCommandWorks = true;
 
-/** True when `descriptor` is granted already (never prompts). */
-function granted(descriptor: Deno.PermissionDescriptor): boolean {
-  try {
-    return Deno.permissions.querySync(descriptor).state === "granted";
-  } catch {
-    return false;
-  }
-}
-
-function loadLibc(): Libc | null {
-  if (libc !== undefined) return libc;
-  libc = null;
-  if (Deno.build.os === "linux" && granted({ name: "ffi" })) {
-    try {
-      libc = Deno.dlopen("libc.so.6", {
-        open: { parameters: ["buffer", "i32"], result: "i32" },
-        close: { parameters: ["i32"], result: "i32" },
-        syncfs: { parameters: ["i32"], result: "i32", nonblocking: true },
-        ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
-      }) as unknown as Libc;
-    } catch {
-      libc = null;
-    }
-  }
-  return libc;
-}
-
-/** O_RDONLY | O_CLOEXEC (the same value on every Linux architecture Deno runs on). */
-const OPEN_FLAGS = 0o2000000;
 /** `FS_IOC_GETFLAGS` / `FS_IOC_SETFLAGS` (`_IOR/_IOW('f', 1/2, long)`), and `FS_TOPDIR_FL`. */
 const FS_IOC_GETFLAGS = 0x80086601n;
 const FS_IOC_SETFLAGS = 0x40086602n;
@@ -719,7 +680,7 @@ function makeChunkRoot(root: string): void {
   Deno.mkdirSync(root, { recursive: true });
   const lib = loadLibc();
   if (lib === null) return;
-  const fd = lib.symbols.open(new TextEncoder().encode(`${root}\0`), OPEN_FLAGS);
+  const fd = lib.symbols.open(new TextEncoder().encode(`${root}\0`), O_RDONLY_CLOEXEC);
   if (fd < 0) return;
   try {
     const flags = new Uint8Array(8);
@@ -743,7 +704,7 @@ function makeChunkRoot(root: string): void {
 export async function syncFilesystem(path: string): Promise<boolean> {
   const lib = loadLibc();
   if (lib !== null) {
-    const fd = lib.symbols.open(new TextEncoder().encode(`${path}\0`), OPEN_FLAGS);
+    const fd = lib.symbols.open(new TextEncoder().encode(`${path}\0`), O_RDONLY_CLOEXEC);
     if (fd >= 0) {
       try {
         if (await lib.symbols.syncfs(fd) === 0) return true;
