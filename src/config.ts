@@ -12,6 +12,7 @@
 
 import { parse as parseToml, TomlError } from "smol-toml";
 import { ConfigError, UsageError } from "./errors.ts";
+import { parseDuration } from "./units.ts";
 
 /** Which paths a segment takes (see src/cache/segments.ts). */
 export type SegmentFilter = "nixpkgs" | "custom" | "all";
@@ -27,6 +28,16 @@ export interface SegmentConfig {
   trustedPublicKeys?: string[];
 }
 
+/** One upstream cache (`[[upstreams]]`, or `--upstream` with `--trusted-public-key`). */
+export interface UpstreamConfig {
+  /** Base URL, `http(s)://host[:port][/path]`, without a trailing slash. */
+  url: string;
+  /** Keys (`name:base64`): a narinfo of this upstream is accepted only when one signed it. */
+  trustedPublicKeys: string[];
+  /** Lower is asked first, as Nix priorities ({@link DEFAULT_UPSTREAM_PRIORITY} when unset). */
+  priority: number;
+}
+
 /** Settings a config file may hold (snake_case as in the file). */
 export interface FileConfig {
   cache_dir?: string;
@@ -40,6 +51,11 @@ export interface FileConfig {
   static_peers?: string[];
   trusted_public_keys?: string[];
   segments?: SegmentConfig[];
+  upstreams?: UpstreamConfig[];
+  /** Duration (`5s`): how long an upstream may take to answer, or a NAR from it stall. */
+  upstream_timeout?: string;
+  /** Duration (`1m`): how long a path no upstream has is remembered as missing. */
+  upstream_negative_ttl?: string;
 }
 
 /** The effective settings after applying defaults, config, environment and flags. */
@@ -64,6 +80,15 @@ export interface Settings {
   staticPeers: string[];
   /** Keys trusted for swarm records in every segment. */
   trustedPublicKeys: string[];
+  /**
+   * Upstream caches in the order they are asked: those given by `--upstream` first (in
+   * their order), then `[[upstreams]]` by priority (lower first; ties in file order).
+   */
+  upstreams: UpstreamConfig[];
+  /** How long an upstream may take to answer, or a NAR from it stall (ms). */
+  upstreamTimeoutMs: number;
+  /** How long a path no upstream has is remembered as missing (ms). */
+  upstreamNegativeTtlMs: number;
 }
 
 /** Values given on the command line; undefined means "not given". */
@@ -77,12 +102,23 @@ export interface FlagSettings {
   priority?: string | number;
   uploadTokenFile?: string;
   readTokenFile?: string;
+  /** `--upstream` URLs, in priority order. */
+  upstreams?: string[];
+  /** `--trusted-public-key` keys, trusted for the `--upstream` URLs. */
+  upstreamTrustedKeys?: string[];
+  /** `--upstream-timeout` (a duration). */
+  upstreamTimeout?: string;
+  /** `--upstream-negative-ttl` (a duration). */
+  upstreamNegativeTtl?: string;
 }
 
 /** Where the environment is read from; tests pass their own. */
 export type Environment = Record<string, string | undefined>;
 
-const KEY_TYPES: Record<Exclude<keyof FileConfig, "segments">, "string" | "integer" | "strings"> = {
+const KEY_TYPES: Record<
+  Exclude<keyof FileConfig, "segments" | "upstreams">,
+  "string" | "integer" | "strings"
+> = {
   cache_dir: "string",
   backend: "string",
   compression: "string",
@@ -93,6 +129,8 @@ const KEY_TYPES: Record<Exclude<keyof FileConfig, "segments">, "string" | "integ
   read_token_file: "string",
   static_peers: "strings",
   trusted_public_keys: "strings",
+  upstream_timeout: "string",
+  upstream_negative_ttl: "string",
 };
 
 /** The segment every default configuration has: all paths, shared under its topic key. */
@@ -107,6 +145,15 @@ export const SEGMENT_NAME_RE: RegExp = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 const SEGMENT_KEYS = ["name", "topic_key", "description", "filter", "trusted_public_keys"];
 const SEGMENT_FILTERS: SegmentFilter[] = ["nixpkgs", "custom", "all"];
+
+const UPSTREAM_KEYS = ["url", "trusted_public_keys", "priority"];
+
+/** Priority of an `[[upstreams]]` table without one (Nix's default for a store). */
+export const DEFAULT_UPSTREAM_PRIORITY = 50;
+/** Default `upstream_timeout`. */
+export const DEFAULT_UPSTREAM_TIMEOUT = "5s";
+/** Default `upstream_negative_ttl`. */
+export const DEFAULT_UPSTREAM_NEGATIVE_TTL = "1m";
 
 /** Default bind address of the substituter. */
 export const DEFAULT_BIND = "127.0.0.1:5555";
@@ -176,6 +223,21 @@ export function defaultConfigText(env: Environment): string {
 # Swarm: peers to reach by unicast (host:discovery-port), and keys trusted in every segment.
 # static_peers = ["build1.example:7070"]
 # trusted_public_keys = ["my-cache-1:…"]
+
+# Upstream caches (pull-through): a path neither this cache nor a swarm peer has is looked up
+# in each, lower priority first. Its narinfo is accepted only with a valid signature from one
+# of the upstream's trusted_public_keys; its NAR is stored here as it streams to the client.
+# \`serve --upstream <url> --trusted-public-key <key>\` adds upstreams before these.
+# [[upstreams]]
+#   url = "https://cache.nixos.org"
+#   trusted_public_keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+#   priority = 40   # lower is asked first (default ${DEFAULT_UPSTREAM_PRIORITY})
+
+# How long an upstream may take to answer (or a NAR from it stall) before it is skipped, and
+# how long a path no upstream has is remembered as missing (flags --upstream-timeout,
+# --upstream-negative-ttl).
+# upstream_timeout = "${DEFAULT_UPSTREAM_TIMEOUT}"
+# upstream_negative_ttl = "${DEFAULT_UPSTREAM_NEGATIVE_TTL}"
 `;
 }
 
@@ -209,10 +271,14 @@ export function parseConfigText(text: string, path: string): FileConfig {
       config.segments = parseSegments(value, text, path);
       continue;
     }
+    if (key === "upstreams") {
+      config.upstreams = parseUpstreams(value, text, path);
+      continue;
+    }
     if (!(key in KEY_TYPES)) {
       throw new ConfigError(
         `Invalid ${where}: unknown key '${key}' (known: ${
-          [...Object.keys(KEY_TYPES), "segments"].join(", ")
+          [...Object.keys(KEY_TYPES), "segments", "upstreams"].join(", ")
         })`,
       );
     }
@@ -315,6 +381,160 @@ function parseSegments(value: unknown, text: string, path: string): SegmentConfi
   });
 }
 
+function lineOfUpstream(text: string, index: number): number | undefined {
+  const lines = text.split("\n");
+  let seen = -1;
+  for (let i = 0; i < lines.length; i++) {
+    if (/^\s*\[\[\s*upstreams\s*\]\]/.test(lines[i]) && ++seen === index) return i + 1;
+  }
+  return undefined;
+}
+
+function parseUpstreams(value: unknown, text: string, path: string): UpstreamConfig[] {
+  if (!Array.isArray(value)) {
+    throw new ConfigError(
+      `Invalid config ${path} line ${
+        lineOfKey(text, "upstreams") ?? "?"
+      }: 'upstreams' must be an array of tables ([[upstreams]])`,
+    );
+  }
+  const upstreams = value.map((table, index): UpstreamConfig => {
+    const where = `config ${path} line ${lineOfUpstream(text, index) ?? "?"} ([[upstreams]] #${
+      index + 1
+    })`;
+    if (table === null || typeof table !== "object" || Array.isArray(table)) {
+      throw new ConfigError(`Invalid ${where}: expected a table`);
+    }
+    const entries = table as Record<string, unknown>;
+    for (const key of Object.keys(entries)) {
+      if (!UPSTREAM_KEYS.includes(key)) {
+        throw new ConfigError(
+          `Invalid ${where}: unknown key '${key}' (known: ${UPSTREAM_KEYS.join(", ")})`,
+        );
+      }
+    }
+    if (typeof entries.url !== "string") {
+      throw new ConfigError(`Invalid ${where}: 'url' is required and must be a string`);
+    }
+    const keys = entries.trusted_public_keys;
+    if (!Array.isArray(keys) || keys.some((key) => typeof key !== "string")) {
+      throw new ConfigError(
+        `Invalid ${where}: 'trusted_public_keys' is required and must be a list of strings`,
+      );
+    }
+    const priority = entries.priority ?? DEFAULT_UPSTREAM_PRIORITY;
+    if (
+      typeof priority !== "number" || !Number.isSafeInteger(priority) || priority < 0 ||
+      priority > 10_000
+    ) {
+      throw new ConfigError(`Invalid ${where}: 'priority' must be an integer from 0 to 10000`);
+    }
+    try {
+      return {
+        url: parseUpstreamUrl(entries.url),
+        trustedPublicKeys: checkUpstreamKeys(keys as string[], "'trusted_public_keys'"),
+        priority,
+      };
+    } catch (error) {
+      if (error instanceof UsageError) throw new ConfigError(`Invalid ${where}: ${error.message}`);
+      throw error;
+    }
+  });
+  // A stable sort: equal priorities keep their order in the file.
+  return upstreams.map((upstream, index) => ({ upstream, index }))
+    .sort((a, b) => a.upstream.priority - b.upstream.priority || a.index - b.index)
+    .map(({ upstream }) => upstream);
+}
+
+/**
+ * An upstream cache URL as used: `http(s)://host[:port][/path]` without a trailing slash.
+ * UsageError for anything else (another scheme, credentials, a query or fragment).
+ */
+export function parseUpstreamUrl(text: string): string {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new UsageError(`Invalid upstream URL ${JSON.stringify(text)}: not a URL`);
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") {
+    throw new UsageError(
+      `Invalid upstream URL ${JSON.stringify(text)}: expected http:// or https://`,
+    );
+  }
+  if (url.username !== "" || url.password !== "") {
+    throw new UsageError(
+      `Invalid upstream URL ${JSON.stringify(url.host)}: credentials in the URL are not supported`,
+    );
+  }
+  if (url.search !== "" || url.hash !== "" || /[?#]/.test(text)) {
+    throw new UsageError(
+      `Invalid upstream URL ${JSON.stringify(text)}: a query or fragment is not allowed`,
+    );
+  }
+  return url.href.replace(/\/+$/, "");
+}
+
+/** A Nix public key as text: `name:base64` of 32 bytes. */
+const PUBLIC_KEY_RE = /^[^:\s]+:[A-Za-z0-9+/]{43}=$/;
+
+/** Checks that an upstream has keys, each looking like `name:base64(32 bytes)`. */
+function checkUpstreamKeys(keys: string[], what: string): string[] {
+  if (keys.length === 0) {
+    throw new UsageError(
+      `${what} is empty: an upstream needs a trusted key (its paths are refused unsigned)`,
+    );
+  }
+  for (const key of keys) {
+    if (!PUBLIC_KEY_RE.test(key.trim())) {
+      throw new UsageError(
+        `Invalid key in ${what} ${JSON.stringify(key)}: expected name:base64 (a Nix public key)`,
+      );
+    }
+  }
+  return keys.map((key) => key.trim());
+}
+
+/** Parses a positive duration setting (`5s`, `1m`) into milliseconds. */
+function parsePositiveDuration(name: string, text: string): number {
+  let ms: number;
+  try {
+    ms = parseDuration(text);
+  } catch {
+    throw new UsageError(
+      `'${name}' must be a duration such as 5s or 1m, not ${JSON.stringify(text)}`,
+    );
+  }
+  if (ms <= 0) throw new UsageError(`'${name}' must be longer than 0s`);
+  return ms;
+}
+
+/**
+ * The upstreams of the settings: `--upstream` URLs (with the `--trusted-public-key` keys)
+ * first, in their order, then the config's by priority.
+ */
+function mergeUpstreams(flags: FlagSettings, file: FileConfig): UpstreamConfig[] {
+  const urls = flags.upstreams ?? [];
+  const keys = flags.upstreamTrustedKeys ?? [];
+  if (urls.length === 0 && keys.length > 0) {
+    throw new UsageError("--trusted-public-key needs --upstream (the keys are the upstreams')");
+  }
+  const fromFlags = urls.map((url, index): UpstreamConfig => ({
+    url: parseUpstreamUrl(url),
+    trustedPublicKeys: keys,
+    priority: index,
+  }));
+  if (urls.length > 0) {
+    if (keys.length === 0) {
+      throw new UsageError(
+        "--upstream needs --trusted-public-key (paths without a trusted signature are refused)",
+      );
+    }
+    checkUpstreamKeys(keys, "--trusted-public-key");
+  }
+  return [...fromFlags, ...(file.upstreams ?? [])];
+}
+
 function validateSetting(key: keyof typeof KEY_TYPES, value: string | number): void {
   switch (key) {
     case "backend":
@@ -342,6 +562,10 @@ function validateSetting(key: keyof typeof KEY_TYPES, value: string | number): v
       if (typeof value !== "number" || !Number.isSafeInteger(value) || value < 0 || value > 1000) {
         throw new UsageError(`'priority' must be an integer from 0 to 1000, not ${value}`);
       }
+      break;
+    case "upstream_timeout":
+    case "upstream_negative_ttl":
+      parsePositiveDuration(key, String(value));
       break;
     case "cache_dir":
     case "signing_key_path":
@@ -426,6 +650,17 @@ export async function loadSettings(
     segments: file.segments ?? [{ ...UNIVERSAL_SEGMENT }],
     staticPeers: file.static_peers ?? [],
     trustedPublicKeys: file.trusted_public_keys ?? [],
+    upstreams: mergeUpstreams(flags, file),
+    upstreamTimeoutMs: parsePositiveDuration(
+      "upstream_timeout",
+      flagOr(flags.upstreamTimeout, "upstream_timeout") ?? file.upstream_timeout ??
+        DEFAULT_UPSTREAM_TIMEOUT,
+    ),
+    upstreamNegativeTtlMs: parsePositiveDuration(
+      "upstream_negative_ttl",
+      flagOr(flags.upstreamNegativeTtl, "upstream_negative_ttl") ?? file.upstream_negative_ttl ??
+        DEFAULT_UPSTREAM_NEGATIVE_TTL,
+    ),
   };
 }
 

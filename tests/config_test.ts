@@ -100,6 +100,9 @@ Deno.test("config: first run writes the commented default file, which parses to 
       segments: [{ name: "universal", description: "every path this cache holds", filter: "all" }],
       staticPeers: [],
       trustedPublicKeys: [],
+      upstreams: [],
+      upstreamTimeoutMs: 5000,
+      upstreamNegativeTtlMs: 60_000,
     });
   });
 });

@@ -1,36 +1,58 @@
 /**
  * `arca verify`: checks every chunk file against its id (decompressed, hashed) and every
- * cached path's NAR against its NarHash and NarSize; with repair, removes the narinfo of
- * every path whose NAR is broken (so that Nix never gets a broken NAR with status 200; it
- * moves on to its next substituter) and deletes the broken chunk files (a later import or
- * upload of the same content stores them again).
+ * cached path's NAR against its NarHash and NarSize. With repair, it deletes the broken
+ * chunk files, then, for every path whose NAR is broken, asks the refetchers in turn
+ * (upstream caches, peers) to fetch its NAR again and re-import it under the recorded
+ * metadata (the NAR must hash to the recorded NarHash); a path no refetcher restores loses
+ * its narinfo, so that Nix never gets a broken NAR with status 200 (it moves on to its next
+ * substituter). A later import or upload of the same content stores deleted chunks again.
  * @module
  */
 
 import type { Cache } from "./cache.ts";
+import type { PathRecord } from "./metadata.ts";
 import { decompressChunk } from "./compression.ts";
 import { createSha256, formatBase16, formatNixHash, parseNixHash, sha256 } from "./hash.ts";
 import { parseStorePath } from "./store_path.ts";
 
-/** What `verify` found (and, with repair, removed). */
+/**
+ * Fetches a broken path's NAR again and re-imports it under `record`'s metadata (the NAR
+ * must hash to the recorded NarHash). Resolves to where it came from (e.g. an upstream's
+ * URL), or null when this source does not have it; rejects when the fetch failed.
+ */
+export type Refetcher = (record: PathRecord) => Promise<string | null>;
+
+/** What `verify` found (and, with repair, refetched or removed). */
 export interface VerifyReport {
   chunksChecked: number;
   badChunks: { id: string; compression: string; reason: string }[];
   pathsChecked: number;
   badPaths: { storePath: string; reason: string }[];
+  /** Broken paths a refetcher restored (with repair); the other broken paths were removed. */
+  refetched: { storePath: string; from: string }[];
   repaired: boolean;
 }
 
-/** Checks the whole cache; with `repair`, removes what is broken. */
+/** Options of {@link verifyCache}. */
+export interface VerifyOptions {
+  /** Delete broken chunks; refetch broken paths, or remove their narinfos. */
+  repair?: boolean;
+  /** Asked in order, with repair, for each broken path (upstreams, peers). */
+  refetchers?: readonly Refetcher[];
+  onProgress?: (message: string) => void;
+}
+
+/** Checks the whole cache; with `repair`, refetches or removes what is broken. */
 export async function verifyCache(
   cache: Cache,
-  options: { repair?: boolean; onProgress?: (message: string) => void } = {},
+  options: VerifyOptions = {},
 ): Promise<VerifyReport> {
   const report: VerifyReport = {
     chunksChecked: 0,
     badChunks: [],
     pathsChecked: 0,
     badPaths: [],
+    refetched: [],
     repaired: false,
   };
   const bad = new Set<string>();
@@ -58,7 +80,17 @@ export async function verifyCache(
     if (reason !== undefined) report.badPaths.push({ storePath: record.narInfo.storePath, reason });
   }
   if (options.repair) {
+    // Damaged chunk files go first: an import finds a chunk it has by its file, and would
+    // keep the damaged one.
+    for (const chunk of report.badChunks) {
+      await cache.chunks.delete(chunk.id, chunk.compression as "zstd" | "xz" | "none");
+    }
     for (const { storePath, reason } of report.badPaths) {
+      const from = await refetch(cache, storePath, options);
+      if (from !== null) {
+        report.refetched.push({ storePath, from });
+        continue;
+      }
       await cache.metadata.deletePath(parseStorePath(storePath).hash);
       await cache.audit.append([{
         type: "GarbageCollect",
@@ -66,12 +98,41 @@ export async function verifyCache(
         detail: `removed by verify --repair: ${reason}`,
       }]);
     }
-    for (const chunk of report.badChunks) {
-      await cache.chunks.delete(chunk.id, chunk.compression as "zstd" | "xz" | "none");
-    }
     report.repaired = true;
   }
   return report;
+}
+
+/**
+ * Restores a broken path with the first refetcher that has it, checking the result; where
+ * it came from, or null when none restored it (failures are reported as progress).
+ */
+async function refetch(
+  cache: Cache,
+  storePath: string,
+  options: VerifyOptions,
+): Promise<string | null> {
+  const hashPart = parseStorePath(storePath).hash;
+  for (const refetcher of options.refetchers ?? []) {
+    const record = await cache.getPath(hashPart);
+    if (record === null) return null;
+    // Another path's refetch may have restored the chunks this one shares with it.
+    if (await checkPath(cache, storePath, new Set()) === undefined) {
+      return "chunks restored with another path";
+    }
+    let from: string | null;
+    try {
+      from = await refetcher(record);
+    } catch (error) {
+      options.onProgress?.(`refetch of ${storePath} failed: ${(error as Error).message}`);
+      continue;
+    }
+    if (from === null) continue;
+    const still = await checkPath(cache, storePath, new Set());
+    if (still === undefined) return from;
+    options.onProgress?.(`${storePath} refetched from ${from} is still broken: ${still}`);
+  }
+  return null;
 }
 
 /** Why a path's NAR is broken, or undefined when it is whole and right. */

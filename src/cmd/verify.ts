@@ -1,30 +1,66 @@
 /**
  * `arca verify [--repair] [--json]`: checks every chunk and every NAR; exits 1 when
- * something is broken (and not repaired).
+ * something is broken (and not repaired). With `--repair`, broken paths are fetched again
+ * from the upstream caches (`[[upstreams]]`, `--upstream`) when one has them, and removed
+ * otherwise.
  * @module
  */
 
 import type { Command } from "commander";
-import { verifyCache } from "../cache/verify.ts";
+import { type Refetcher, verifyCache } from "../cache/verify.ts";
 import { ArcaError } from "../errors.ts";
 import { openCache, settingsOf } from "./common.ts";
+import { collect, upstreamSourceOf } from "./serve.ts";
+
+interface VerifyFlags {
+  repair?: boolean;
+  json?: boolean;
+  upstream: string[];
+  trustedPublicKey: string[];
+  upstreamTimeout?: string;
+}
 
 /** Registers `verify`. */
 export function registerVerify(program: Command): void {
   program.command("verify")
     .description("check every chunk against its id and every NAR against its NarHash")
-    .option("--repair", "remove the narinfo of broken paths and the broken chunk files")
+    .option(
+      "--repair",
+      "delete broken chunks; fetch broken paths again from an upstream, or remove their narinfo",
+    )
     .option("--json", "print the report as JSON")
-    .action(async (flags: { repair?: boolean; json?: boolean }, command: Command) => {
-      const settings = await settingsOf(command);
+    .option(
+      "--upstream <url>",
+      "with --repair: fetch broken paths from this binary cache (repeatable, in priority order)",
+      collect,
+      [],
+    )
+    .option(
+      "--trusted-public-key <name:key>",
+      "accept --upstream narinfos signed by this key (repeatable)",
+      collect,
+      [],
+    )
+    .option("--upstream-timeout <duration>", "skip an upstream that takes longer (default 5s)")
+    .action(async (flags: VerifyFlags, command: Command) => {
+      const settings = await settingsOf(command, {
+        upstreams: flags.upstream,
+        upstreamTrustedKeys: flags.trustedPublicKey,
+        upstreamTimeout: flags.upstreamTimeout,
+      });
+      const log = (message: string) => console.error(message);
       const cache = await openCache(settings);
+      const upstream = flags.repair ? upstreamSourceOf(cache, settings, { log }) : undefined;
+      const refetchers: Refetcher[] = upstream ? [(record) => upstream.refetch(record)] : [];
       let report;
       try {
         report = await verifyCache(cache, {
           repair: flags.repair,
-          onProgress: Deno.stderr.isTerminal() ? (m) => console.error(m) : undefined,
+          refetchers,
+          onProgress: Deno.stderr.isTerminal() || refetchers.length > 0 ? log : undefined,
         });
       } finally {
+        await upstream?.close();
         cache.close();
       }
       if (flags.json) {
@@ -33,15 +69,21 @@ export function registerVerify(program: Command): void {
         for (const chunk of report.badChunks) {
           console.log(`damaged chunk ${chunk.id}.${chunk.compression}: ${chunk.reason}`);
         }
+        const refetched = new Map(report.refetched.map((r) => [r.storePath, r.from]));
         for (const path of report.badPaths) {
+          const from = refetched.get(path.storePath);
           console.log(
-            `${report.repaired ? "removed" : "broken"} ${path.storePath}: ${path.reason}`,
+            from !== undefined
+              ? `refetched ${path.storePath} (${path.reason}) from ${from}`
+              : `${report.repaired ? "removed" : "broken"} ${path.storePath}: ${path.reason}`,
           );
         }
+        const removed = report.badPaths.length - report.refetched.length;
+        const broken = report.badPaths.length + report.badChunks.length > 0;
         console.log(
           `${report.chunksChecked} chunks, ${report.pathsChecked} paths checked: ${report.badChunks.length} damaged chunks, ${report.badPaths.length} broken paths${
-            report.repaired && report.badPaths.length + report.badChunks.length > 0
-              ? " (removed)"
+            report.repaired && broken
+              ? ` (${report.refetched.length} refetched, ${removed} removed)`
               : ""
           }`,
         );

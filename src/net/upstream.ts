@@ -1,0 +1,636 @@
+/**
+ * Pull-through from upstream binary caches (cache.nixos.org, another arca, any Nix HTTP
+ * cache): a {@link PathSource} the substituter asks for paths it does not hold.
+ *
+ * Lookups (`GET <url>/<hash>.narinfo`, never a NAR: a mass of `nix copy` existence checks
+ * must not become a mass of NAR downloads, ncps #907) go to the upstreams in priority order.
+ * A narinfo is accepted only when it parses, names the store path asked for, points at a
+ * NAR under the upstream's URL (a relative `URL:` without `..`, as Nix writes them), in a
+ * compression arca decodes (xz, zstd, bzip2, br, none), and carries a valid signature from
+ * one of that upstream's trusted keys. Answers are remembered in memory: accepted paths for
+ * an hour, misses (404, refused narinfos, an upstream that failed) for the negative TTL
+ * (60 s by default). An upstream that times out (5 s by default, for the headers and for
+ * any stall of a body) or refuses connections is skipped for 30 s.
+ *
+ * {@link UpstreamSource.openNar} fetches the NAR file, decompresses it as a stream and hands
+ * the same bytes to two consumers with bounded buffering (about 2 MiB each) and backpressure
+ * from both: the client's response, and {@link Cache.importNar} (with the upstream's
+ * references, deriver, CA and signatures, its NarHash and NarSize as claims, the segment the
+ * configured filters choose, audited as `Fetch` naming the upstream). If the client goes away
+ * the import goes on alone, so the path becomes local all the same; an import that fails
+ * (wrong NarHash, not a NAR, upstream cut short or stalled) stores nothing and errors the
+ * client's stream. One path is fetched at most once at a time: a second request for it waits
+ * for the first import and is then served from the cache.
+ * @module
+ */
+
+import type { Cache, ImportResult, PathMetadata } from "../cache/cache.ts";
+import { type ChunkCompression, ChunkCompressor } from "../cache/compression.ts";
+import {
+  decompressStream,
+  parseUploadCompression,
+  type UploadCompression,
+} from "../cache/decompress_stream.ts";
+import { formatNixHash, parseNixHash } from "../cache/hash.ts";
+import { BoundedCache, type PathRecord } from "../cache/metadata.ts";
+import { MAX_NARINFO_BYTES, type NarInfo, parseNarInfo } from "../cache/narinfo.ts";
+import { encodeNixBase32 } from "../cache/nixbase32.ts";
+import { segmentFor } from "../cache/segments.ts";
+import { type PublicKey, validSignatureKeys } from "../cache/signing.ts";
+import { parseStorePath } from "../cache/store_path.ts";
+import { parseUpstreamUrl, type SegmentConfig } from "../config.ts";
+import { NotFoundError } from "../errors.ts";
+import type { PathSource, SourcePath } from "./server.ts";
+
+/** One upstream cache. */
+export interface Upstream {
+  /** Its base URL (`http://` or `https://`), e.g. `https://cache.nixos.org`. */
+  url: string;
+  /** A narinfo of this upstream is accepted only with a valid signature from one of these. */
+  trustedKeys: readonly PublicKey[];
+}
+
+/** Options of {@link UpstreamSource}. */
+export interface UpstreamSourceOptions {
+  /** The upstreams, asked in this order (sort them by priority first). */
+  upstreams: readonly Upstream[];
+  /** Compression of the chunks fetched paths are stored in. */
+  compression: ChunkCompression;
+  /** The configured segments; a fetched path goes to the first whose filter matches. */
+  segments: readonly SegmentConfig[];
+  /**
+   * How long an upstream may take to answer (narinfo: the whole answer; NAR: the headers),
+   * and the longest a NAR body may stall (ms; default {@link DEFAULT_UPSTREAM_TIMEOUT_MS}).
+   */
+  timeoutMs?: number;
+  /** How long a miss is remembered (ms; default {@link DEFAULT_NEGATIVE_TTL_MS}). */
+  negativeTtlMs?: number;
+  /** How long an upstream that timed out or refused a connection is skipped (ms; 30 s). */
+  downForMs?: number;
+  /** How long an accepted narinfo is remembered (ms; one hour). */
+  positiveTtlMs?: number;
+  /** Where failures are reported (an upstream down, a refused narinfo, a failed fetch). */
+  log?: (message: string) => void;
+}
+
+/** Default of {@link UpstreamSourceOptions.timeoutMs}: 5 s. */
+export const DEFAULT_UPSTREAM_TIMEOUT_MS = 5_000;
+/** Default of {@link UpstreamSourceOptions.negativeTtlMs}: 60 s. */
+export const DEFAULT_NEGATIVE_TTL_MS = 60_000;
+const DEFAULT_DOWN_FOR_MS = 30_000;
+const DEFAULT_POSITIVE_TTL_MS = 3_600_000;
+
+/** Bytes each consumer of a fetched NAR may have queued (each side of its pipe). */
+const PIPE_BYTES = 1024 * 1024;
+
+/** Limits of the memory of answers: entries (each weighs 1). */
+const ANSWER_LIMITS = { maxEntries: 65_536, maxWeight: 65_536 };
+
+/** A relative NAR URL as Nix writes them: no scheme, no leading `/`, no `..`, no `//`. */
+const SAFE_NAR_URL = /^(?!\/)(?!.*\.\.)(?!.*\/\/)[A-Za-z0-9._+=\/-]{1,400}$/;
+
+/** A path an upstream has, and where its NAR is. */
+interface Found {
+  path: SourcePath;
+  upstream: Upstream;
+  /** The absolute URL of the NAR file. */
+  narUrl: string;
+  compression: UploadCompression;
+  expiresAt: number;
+}
+
+/** Why a request to an upstream failed; `down` when the upstream should be skipped a while. */
+class UpstreamFailure extends Error {
+  constructor(message: string, readonly down: boolean) {
+    super(message);
+  }
+}
+
+/**
+ * The upstream caches as one {@link PathSource} (`kind: "upstream"`). Call
+ * {@link UpstreamSource.close} when done: it waits for imports in flight.
+ */
+export class UpstreamSource implements PathSource {
+  readonly kind = "upstream";
+  #cache: Cache;
+  #upstreams: readonly Upstream[];
+  #compression: ChunkCompression;
+  #segments: readonly SegmentConfig[];
+  #timeoutMs: number;
+  #negativeTtlMs: number;
+  #downForMs: number;
+  #positiveTtlMs: number;
+  #log: (message: string) => void;
+  #compressor: ChunkCompressor | null = null;
+  #found = new BoundedCache<string, Found>(ANSWER_LIMITS);
+  #missing = new BoundedCache<string, number>(ANSWER_LIMITS);
+  #byNarHash = new BoundedCache<string, string>(ANSWER_LIMITS);
+  #lookups = new Map<string, Promise<Found | null>>();
+  #downUntil = new Map<string, number>();
+  /** Imports in flight, by hash part. */
+  #fetches = new Map<string, Promise<ImportResult>>();
+  #closed = false;
+
+  /**
+   * A source over `options.upstreams` that imports what it fetches into `cache`; UsageError
+   * for an upstream URL that is not `http(s)://…` without query or credentials.
+   */
+  constructor(cache: Cache, options: UpstreamSourceOptions) {
+    this.#cache = cache;
+    this.#upstreams = options.upstreams.map((upstream) => ({
+      url: parseUpstreamUrl(upstream.url),
+      trustedKeys: upstream.trustedKeys,
+    }));
+    this.#compression = options.compression;
+    this.#segments = options.segments;
+    this.#timeoutMs = options.timeoutMs ?? DEFAULT_UPSTREAM_TIMEOUT_MS;
+    this.#negativeTtlMs = options.negativeTtlMs ?? DEFAULT_NEGATIVE_TTL_MS;
+    this.#downForMs = options.downForMs ?? DEFAULT_DOWN_FOR_MS;
+    this.#positiveTtlMs = options.positiveTtlMs ?? DEFAULT_POSITIVE_TTL_MS;
+    this.#log = options.log ?? (() => {});
+  }
+
+  /** The upstreams' base URLs, in the order they are asked. */
+  get urls(): string[] {
+    return this.#upstreams.map((upstream) => upstream.url);
+  }
+
+  /**
+   * The path with this hash part from the first upstream that has it with a trusted
+   * signature, or null (remembered for the negative TTL). Only narinfos are requested.
+   */
+  async lookup(hashPart: string): Promise<SourcePath | null> {
+    return (await this.#lookup(hashPart, false))?.path ?? null;
+  }
+
+  /** A path an earlier lookup found, by its NarHash (`sha256:<nix32>`). */
+  lookupByNarHash(narHash: string): Promise<{ hashPart: string; path: SourcePath } | null> {
+    const hashPart = this.#byNarHash.get(encodeNixBase32(parseNixHash(narHash)));
+    const found = hashPart === undefined ? undefined : this.#found.get(hashPart);
+    return Promise.resolve(
+      found === undefined || hashPart === undefined ? null : { hashPart, path: found.path },
+    );
+  }
+
+  /**
+   * The uncompressed NAR of a path {@link UpstreamSource.lookup} found, streamed from the
+   * upstream while it is imported into the cache (see the module comment). NotFoundError
+   * when no upstream can deliver it now (the reason is logged).
+   */
+  async openNar(hashPart: string, path: SourcePath): Promise<ReadableStream<Uint8Array>> {
+    const local = await this.#localNar(hashPart, path.narHash);
+    if (local !== null) return local;
+    const running = this.#fetches.get(hashPart);
+    if (running !== undefined) return this.#afterFetch(hashPart, path, running);
+    const found = await this.#lookup(hashPart, false);
+    if (found === null || !sameHash(found.path.narHash, path.narHash)) {
+      throw new NotFoundError(`No upstream has ${path.storePath} with NarHash ${path.narHash}`);
+    }
+    const again = this.#fetches.get(hashPart);
+    if (again !== undefined) return this.#afterFetch(hashPart, path, again);
+    const started = this.#fetch(hashPart, found, fetchedMeta(found.path), {
+      client: true,
+      segment: segmentFor(this.#segments, narInfoOf(found.path)),
+    });
+    return (await started.client)!;
+  }
+
+  /**
+   * Fetches a cached path's NAR again from the upstreams and imports it under the record's
+   * own metadata (references, signatures, segment): `verify --repair`'s refetch. Resolves to
+   * the upstream's URL, or null when no upstream has a NAR with the record's NarHash;
+   * rejects when the fetch or the import failed (nothing is stored then).
+   */
+  async refetch(record: PathRecord): Promise<string | null> {
+    const { narInfo } = record;
+    const hashPart = parseStorePath(narInfo.storePath).hash;
+    const found = await this.#lookup(hashPart, true);
+    if (found === null || !sameHash(found.path.narHash, narInfo.narHash)) return null;
+    const running = this.#fetches.get(hashPart);
+    if (running !== undefined) await running.catch(() => {});
+    const meta: PathMetadata = {
+      storePath: narInfo.storePath,
+      references: [...narInfo.references],
+      deriver: narInfo.deriver,
+      ca: narInfo.ca,
+      sigs: [...narInfo.sigs],
+      narHash: narInfo.narHash,
+      narSize: narInfo.narSize,
+    };
+    const started = this.#fetch(hashPart, found, meta, { client: false, segment: record.segment });
+    await started.client;
+    await started.done;
+    return found.upstream.url;
+  }
+
+  /** Resolves when no import is in flight (each settled, whatever its outcome). */
+  async idle(): Promise<void> {
+    while (this.#fetches.size > 0) {
+      await Promise.allSettled([...this.#fetches.values()]);
+    }
+  }
+
+  /** Waits for the imports in flight, then releases the compression Workers. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    await this.idle();
+    this.#compressor?.close();
+    this.#compressor = null;
+  }
+
+  /** The NAR of a path already in the cache with this NarHash, decompressed; else null. */
+  async #localNar(
+    hashPart: string,
+    narHash: string,
+  ): Promise<ReadableStream<Uint8Array> | null> {
+    const stored = await this.#cache.narOfPath(hashPart);
+    if (stored === null || !sameHash(stored.record.narInfo.narHash, narHash)) return null;
+    if ((await this.#cache.missingChunks(stored.manifest)).length > 0) return null;
+    return this.#cache.openNar(stored.manifest);
+  }
+
+  /**
+   * A stream that waits for the fetch in flight, then serves the path from the cache (or,
+   * if that fetch failed, fetches it itself).
+   */
+  #afterFetch(
+    hashPart: string,
+    path: SourcePath,
+    running: Promise<ImportResult>,
+  ): ReadableStream<Uint8Array> {
+    // deno-lint-ignore no-this-alias
+    const self = this;
+    async function* pieces(): AsyncGenerator<Uint8Array> {
+      await running.catch(() => {});
+      const local = await self.#localNar(hashPart, path.narHash);
+      yield* local ?? await self.openNar(hashPart, path);
+    }
+    return ReadableStream.from(pieces());
+  }
+
+  async #lookup(hashPart: string, fresh: boolean): Promise<Found | null> {
+    const now = Date.now();
+    if (!fresh) {
+      const found = this.#found.get(hashPart);
+      if (found !== undefined && found.expiresAt > now) return found;
+      const missing = this.#missing.get(hashPart);
+      if (missing !== undefined && missing > now) return null;
+    }
+    let pending = this.#lookups.get(hashPart);
+    if (pending === undefined) {
+      pending = this.#ask(hashPart).finally(() => this.#lookups.delete(hashPart));
+      this.#lookups.set(hashPart, pending);
+    }
+    return await pending;
+  }
+
+  /** Asks each upstream in turn (skipping those marked down); remembers the answer. */
+  async #ask(hashPart: string): Promise<Found | null> {
+    for (const upstream of this.#upstreams) {
+      if ((this.#downUntil.get(upstream.url) ?? 0) > Date.now()) continue;
+      let found: Found | null;
+      try {
+        found = await this.#askOne(upstream, hashPart);
+      } catch (error) {
+        this.#failed(upstream, error);
+        continue;
+      }
+      if (found === null) continue;
+      this.#found.set(hashPart, found, 1);
+      this.#byNarHash.set(encodeNixBase32(parseNixHash(found.path.narHash)), hashPart, 1);
+      this.#missing.delete(hashPart);
+      return found;
+    }
+    this.#missing.set(hashPart, Date.now() + this.#negativeTtlMs, 1);
+    return null;
+  }
+
+  /** One upstream's narinfo of `hashPart`, checked; null when it has none (or a bad one). */
+  async #askOne(upstream: Upstream, hashPart: string): Promise<Found | null> {
+    const url = `${upstream.url}/${hashPart}.narinfo`;
+    const text = await this.#request(upstream, url, `narinfo of ${hashPart}`, async (response) => {
+      if (response.status === 404 || response.status === 403 || response.status === 410) {
+        await response.body?.cancel();
+        return null;
+      }
+      if (!response.ok) {
+        await response.body?.cancel();
+        throw new UpstreamFailure(
+          `Upstream ${upstream.url}: narinfo of ${hashPart}: HTTP ${response.status}`,
+          false,
+        );
+      }
+      return await readLimited(response, MAX_NARINFO_BYTES);
+    });
+    if (text === null) return null;
+    const refuse = (why: string) => {
+      this.#log(`Upstream ${upstream.url}: narinfo of ${hashPart} refused: ${why}`);
+      return null;
+    };
+    let info: NarInfo;
+    try {
+      info = parseNarInfo(text);
+    } catch (error) {
+      return refuse((error as Error).message);
+    }
+    if (parseStorePath(info.storePath).hash !== hashPart) {
+      return refuse(`it is for another path, ${info.storePath}`);
+    }
+    if (!SAFE_NAR_URL.test(info.url)) {
+      return refuse(`its URL ${JSON.stringify(info.url.slice(0, 100))} leaves the upstream`);
+    }
+    let compression: UploadCompression;
+    try {
+      compression = parseUploadCompression(info.compression);
+    } catch {
+      return refuse(`unsupported compression ${JSON.stringify(info.compression)}`);
+    }
+    if (validSignatureKeys(info, upstream.trustedKeys).length === 0) {
+      return refuse(
+        info.sigs.length === 0
+          ? "it is not signed"
+          : `no valid signature from a trusted key (${
+            upstream.trustedKeys.map((key) => key.name).join(", ")
+          })`,
+      );
+    }
+    return {
+      path: {
+        storePath: info.storePath,
+        narHash: info.narHash,
+        narSize: info.narSize,
+        references: info.references,
+        deriver: info.deriver,
+        ca: info.ca,
+        sigs: info.sigs,
+      },
+      upstream,
+      narUrl: `${upstream.url}/${info.url}`,
+      compression,
+      expiresAt: Date.now() + this.#positiveTtlMs,
+    };
+  }
+
+  /**
+   * GETs `url` (following redirects) and hands the response to `use` within the timeout
+   * (headers and `use` together); a timeout or a connection failure is an
+   * {@link UpstreamFailure} that marks the upstream down. `controller` aborts the request,
+   * its body included, also after this returned.
+   */
+  async #request<T>(
+    upstream: Upstream,
+    url: string,
+    what: string,
+    use: (response: Response) => Promise<T>,
+    controller: AbortController = new AbortController(),
+  ): Promise<T> {
+    const timedOut = new UpstreamFailure(
+      `Upstream ${upstream.url}: ${what}: no answer within ${seconds(this.#timeoutMs)}`,
+      true,
+    );
+    const timer = setTimeout(() => controller.abort(timedOut), this.#timeoutMs);
+    try {
+      const response = await fetch(url, { signal: controller.signal });
+      return await use(response);
+    } catch (error) {
+      if (controller.signal.aborted) throw timedOut;
+      if (error instanceof UpstreamFailure) throw error;
+      throw new UpstreamFailure(
+        `Upstream ${upstream.url}: ${what}: ${(error as Error).message}`,
+        error instanceof TypeError, // fetch's network errors (refused, reset, DNS)
+      );
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  #failed(upstream: Upstream, error: unknown): void {
+    const message = error instanceof Error ? error.message : String(error);
+    if (error instanceof UpstreamFailure && error.down) {
+      this.#downUntil.set(upstream.url, Date.now() + this.#downForMs);
+      this.#log(`${message}: skipped for ${seconds(this.#downForMs)}`);
+    } else {
+      this.#log(message);
+    }
+  }
+
+  #compressorOf(): ChunkCompressor {
+    return this.#compressor ??= new ChunkCompressor({ compression: this.#compression });
+  }
+
+  /**
+   * Starts fetching and importing a path; registered at once, so a second request waits for
+   * it. `client` resolves to the client's stream (null without a client) once the upstream
+   * answered with the NAR, or rejects with NotFoundError; `done` settles with the import.
+   */
+  #fetch(
+    hashPart: string,
+    found: Found,
+    meta: PathMetadata,
+    options: { client: boolean; segment?: string },
+  ): { client: Promise<ReadableStream<Uint8Array> | null>; done: Promise<ImportResult> } {
+    const { upstream, path } = found;
+    const result = Promise.withResolvers<ImportResult>();
+    result.promise.catch(() => {});
+    this.#fetches.set(hashPart, result.promise);
+    const forget = () => {
+      if (this.#fetches.get(hashPart) === result.promise) this.#fetches.delete(hashPart);
+    };
+    result.promise.then(forget, forget);
+    const what = `NAR of ${path.storePath}`;
+    const client = (async () => {
+      if (this.#closed) throw new NotFoundError("Upstream source is closed");
+      const controller = new AbortController();
+      let response: Response;
+      try {
+        response = await this.#request(
+          upstream,
+          found.narUrl,
+          what,
+          (response) => Promise.resolve(response),
+          controller,
+        );
+      } catch (error) {
+        this.#failed(upstream, error);
+        throw new NotFoundError((error as Error).message);
+      }
+      if (!response.ok || response.body === null) {
+        await response.body?.cancel();
+        const message = `Upstream ${upstream.url}: ${what}: HTTP ${response.status}`;
+        this.#log(message);
+        throw new NotFoundError(message);
+      }
+      const nar = stallGuard(response.body, {
+        timeoutMs: this.#timeoutMs,
+        onStall: () => {
+          const error = new UpstreamFailure(
+            `Upstream ${upstream.url}: ${what} stalled for ${seconds(this.#timeoutMs)}`,
+            true,
+          );
+          controller.abort(error);
+          return error;
+        },
+      }).pipeThrough(decompressStream(found.compression, { maxOutputBytes: path.narSize }));
+      const fanned = fanOut(nar, options.client);
+      const importing = this.#cache.importNar(fanned.import, meta, {
+        compression: this.#compression,
+        compressor: this.#compressorOf(),
+        segment: options.segment,
+        auditAs: "Fetch",
+        auditDetail: `from ${upstream.url}`,
+      });
+      Promise.all([importing, fanned.done]).then(([imported]) => result.resolve(imported), (
+        error,
+      ) => {
+        this.#log(`Upstream ${upstream.url}: ${what} not imported: ${(error as Error).message}`);
+        result.reject(error);
+      });
+      return fanned.client;
+    })();
+    client.catch((error) => result.reject(error));
+    return { client, done: result.promise };
+  }
+}
+
+/**
+ * The metadata a fetched path is imported with: what the upstream's narinfo says, its
+ * NarHash and NarSize as claims.
+ */
+function fetchedMeta(path: SourcePath): PathMetadata {
+  return {
+    storePath: path.storePath,
+    references: [...path.references],
+    deriver: path.deriver,
+    ca: path.ca,
+    sigs: [...path.sigs],
+    narHash: path.narHash,
+    narSize: path.narSize,
+  };
+}
+
+/** The fields a segment filter looks at, as a narinfo. */
+function narInfoOf(path: SourcePath): NarInfo {
+  return {
+    storePath: path.storePath,
+    url: "",
+    compression: "",
+    narHash: path.narHash,
+    narSize: path.narSize,
+    references: path.references,
+    sigs: path.sigs,
+  };
+}
+
+/** True when two SHA-256 hashes (any form) are the same. */
+function sameHash(a: string, b: string): boolean {
+  return formatNixHash(parseNixHash(a)) === formatNixHash(parseNixHash(b));
+}
+
+function seconds(ms: number): string {
+  return ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`;
+}
+
+/** The response body as text, refused (FormatError-like UpstreamFailure) beyond `limit` bytes. */
+async function readLimited(response: Response, limit: number): Promise<string> {
+  const pieces: Uint8Array[] = [];
+  let size = 0;
+  for await (const piece of response.body ?? ReadableStream.from<Uint8Array>([])) {
+    size += piece.length;
+    if (size > limit) {
+      throw new UpstreamFailure(`narinfo is larger than ${limit} bytes`, false);
+    }
+    pieces.push(piece);
+  }
+  const bytes = new Uint8Array(size);
+  let offset = 0;
+  for (const piece of pieces) {
+    bytes.set(piece, offset);
+    offset += piece.length;
+  }
+  return new TextDecoder().decode(bytes);
+}
+
+/**
+ * `body` as a stream that errors with `onStall()`'s error when a read waits longer than
+ * `timeoutMs` for the next bytes. Time is counted only while a consumer waits: a body held
+ * back by a slow consumer is not stalled.
+ */
+export function stallGuard(
+  body: ReadableStream<Uint8Array>,
+  options: { timeoutMs: number; onStall: () => Error },
+): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const stalled = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(options.onStall()), options.timeoutMs);
+      });
+      try {
+        const { value, done } = await Promise.race([reader.read(), stalled]);
+        if (done) controller.close();
+        else controller.enqueue(value);
+      } finally {
+        clearTimeout(timer);
+      }
+    },
+    async cancel(reason) {
+      await reader.cancel(reason);
+    },
+  }, { highWaterMark: 0 });
+}
+
+/**
+ * Hands the pieces of `source` to two readers, the import and (when `withClient`) the
+ * client, each through a pipe of {@link PIPE_BYTES} a side: the next piece is read only when
+ * both have room. When the client cancels, the import goes on alone; when the import
+ * cancels (it failed), or the source errors, the other side is errored too. `done` settles
+ * when the last piece has been handed over (or rejects with the error that stopped it).
+ */
+export function fanOut(
+  source: ReadableStream<Uint8Array>,
+  withClient: boolean,
+): {
+  import: ReadableStream<Uint8Array>;
+  client: ReadableStream<Uint8Array> | null;
+  done: Promise<void>;
+} {
+  const pipe = () =>
+    new TransformStream<Uint8Array, Uint8Array>(
+      undefined,
+      new ByteLengthQueuingStrategy({ highWaterMark: PIPE_BYTES }),
+      new ByteLengthQueuingStrategy({ highWaterMark: PIPE_BYTES }),
+    );
+  const toImport = pipe();
+  const toClient = withClient ? pipe() : null;
+  const importWriter = toImport.writable.getWriter();
+  let clientWriter = toClient?.writable.getWriter() ?? null;
+  const done = (async () => {
+    const reader = source.getReader();
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        await importWriter.ready;
+        importWriter.write(value).catch(() => {});
+        if (clientWriter !== null) {
+          try {
+            await clientWriter.ready;
+            clientWriter.write(value).catch(() => {});
+          } catch {
+            clientWriter = null; // the client went away: keep importing
+          }
+        }
+      }
+      await importWriter.close();
+      await clientWriter?.close().catch(() => {});
+    } catch (error) {
+      await reader.cancel(error).catch(() => {});
+      await importWriter.abort(error).catch(() => {});
+      await clientWriter?.abort(error).catch(() => {});
+      throw error;
+    }
+  })();
+  done.catch(() => {});
+  return { import: toImport.readable, client: toClient?.readable ?? null, done };
+}
