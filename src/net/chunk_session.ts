@@ -217,35 +217,42 @@ export class ChunkSession {
     this.#queue.push(request);
     if (!this.#serving) {
       this.#serving = true;
-      this.#serve().catch((error) => this.close(`Cannot answer: ${error.message}`))
-        .finally(() => (this.#serving = false));
+      this.#serve().catch((error) => this.close(`Cannot answer: ${error.message}`));
     }
   }
 
-  /** Answers queued requests in order, one message at a time. */
+  /**
+   * Answers queued requests in order, one message at a time. It stops serving in the same
+   * turn as it finds the queue empty: a request queued a moment later (before a `finally`
+   * callback would run) starts it again instead of waiting for the next request.
+   */
   async #serve(): Promise<void> {
-    while (this.#queue.length > 0 && !this.#closed) {
-      const request = this.#queue.shift()!;
-      if (request.type === "manifest?") {
-        this.#queuedManifests--;
-        const manifest = await this.#provider.manifestOf(request.hashPart);
-        if (manifest !== null) this.#allow(manifest);
-        await this.#channel.send(encodeManifest(request.rid, manifest));
-        continue;
-      }
-      for (const id of request.ids) {
-        this.#queuedChunks--;
-        if (this.#closed) return;
-        const compression = this.#allowed.get(id);
-        const data = compression === undefined ? null : this.#provider.readChunk(id, compression);
-        if (data === null || compression === undefined) {
-          await this.#channel.send(encodeNoChunk(request.rid, id));
+    try {
+      while (this.#queue.length > 0 && !this.#closed) {
+        const request = this.#queue.shift()!;
+        if (request.type === "manifest?") {
+          this.#queuedManifests--;
+          const manifest = await this.#provider.manifestOf(request.hashPart);
+          if (manifest !== null) this.#allow(manifest);
+          await this.#channel.send(encodeManifest(request.rid, manifest));
           continue;
         }
-        this.stats.chunksServed++;
-        this.stats.bytesServed += data.length;
-        await this.#channel.send(encodeChunk(request.rid, id, compression, data));
+        for (const id of request.ids) {
+          this.#queuedChunks--;
+          if (this.#closed) return;
+          const compression = this.#allowed.get(id);
+          const data = compression === undefined ? null : this.#provider.readChunk(id, compression);
+          if (data === null || compression === undefined) {
+            await this.#channel.send(encodeNoChunk(request.rid, id));
+            continue;
+          }
+          this.stats.chunksServed++;
+          this.stats.bytesServed += data.length;
+          await this.#channel.send(encodeChunk(request.rid, id, compression, data));
+        }
       }
+    } finally {
+      this.#serving = false;
     }
   }
 
