@@ -596,6 +596,40 @@ Deno.test("chunk session: a send that fails closes the session and fails its req
   assert.equal(session.closed, true);
 });
 
+Deno.test("chunk session: a request that comes just as the answering task finishes is answered", async () => {
+  // The receive loop may hand over a request at any turn of the microtask queue, also
+  // right after the answering task found its queue empty. A channel whose sends the test
+  // completes by hand tries every turn from 0 to 10 after the last answer's send.
+  for (let turns = 0; turns <= 10; turns++) {
+    const sent: ChunkMessage[] = [];
+    const releases: (() => void)[] = [];
+    const channel: SecureChannel = {
+      remoteStatic: new Uint8Array(32),
+      handshakeHash: new Uint8Array(32),
+      closed: Promise.resolve(),
+      send(message) {
+        sent.push(decodeChunkMessage(message));
+        return new Promise<void>((resolve) => releases.push(resolve));
+      },
+      receive: () => Promise.resolve(null),
+      close: () => Promise.resolve(),
+    };
+    const session = new ChunkSession(channel, EMPTY_PROVIDER);
+    session.handle(encodeManifestRequest(1, HASH_A));
+    await until("the first answer", () => sent.length === 1);
+    releases[0]();
+    for (let i = 0; i < turns; i++) await Promise.resolve();
+    session.handle(encodeManifestRequest(2, HASH_B));
+    await until(
+      `the second answer (request ${turns} turns after the first answer)`,
+      () => sent.length === 2,
+    );
+    assert.deepEqual(sent[1], { type: "manifest", rid: 2, manifest: null });
+    releases[1]();
+    session.close();
+  }
+});
+
 for (const transport of ["memory", "tcp"] as const) {
   Deno.test(`chunk session: two sessions fetching large chunks from each other do not deadlock (${transport})`, async () => {
     // 1 MiB chunks, 40 MiB each way, all requested at once from both sides: each side's
