@@ -6,8 +6,10 @@
  * (the provider is not even asked); a peer over MAX_MANIFESTS_OUTSTANDING or
  * MAX_CHUNKS_OUTSTANDING, an answer nobody asked for, an answer out of order, or a malformed
  * message makes handle() throw ProtocolError; close() resolves pending manifests with null
- * and rejects pending chunks; a failed send closes the session; two sessions fetching large
- * chunks from each other at once both complete.
+ * and rejects pending chunks; a failed send closes the session; a request handed over in
+ * any microtask turn after the answering task's last send is still answered (with a channel
+ * whose sends the test completes by hand); two sessions fetching large chunks from each
+ * other at once both complete.
  *
  * Each test side runs the receive loop the swarm runs (receive, handle, close the session
  * when it ends). A "raw" side is a bare secure channel the test drives by hand, as a
@@ -224,10 +226,10 @@ function countingChannel(inner: SecureChannel): SecureChannel & { received: numb
 }
 
 /** Polls until `check` holds (bounded: only to prove that it happens). */
-async function until(what: string, check: () => boolean): Promise<void> {
-  const deadline = Date.now() + WAIT_MS;
+async function until(what: string, check: () => boolean, ms = WAIT_MS): Promise<void> {
+  const deadline = Date.now() + ms;
   while (!check()) {
-    if (Date.now() > deadline) throw new Error(`Timed out after ${WAIT_MS} ms: ${what}`);
+    if (Date.now() > deadline) throw new Error(`Timed out after ${ms} ms: ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
 }
@@ -623,6 +625,7 @@ Deno.test("chunk session: a request that comes just as the answering task finish
     await until(
       `the second answer (request ${turns} turns after the first answer)`,
       () => sent.length === 2,
+      10_000,
     );
     assert.deepEqual(sent[1], { type: "manifest", rid: 2, manifest: null });
     releases[1]();
