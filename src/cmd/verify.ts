@@ -1,8 +1,8 @@
 /**
  * `arca verify [--repair] [--json]`: checks every chunk and every NAR; exits 1 when
  * something is broken (and not repaired). With `--repair`, broken paths are fetched again
- * from the upstream caches (`[[upstreams]]`, `--upstream`) when one has them, and removed
- * otherwise.
+ * from swarm peers (through this cache's running `swarm --also-serve`) or from the upstream
+ * caches (`[[upstreams]]`, `--upstream`) when one has them, and removed otherwise.
  * @module
  */
 
@@ -10,6 +10,7 @@ import type { Command } from "commander";
 import { type Refetcher, verifyCache } from "../cache/verify.ts";
 import { ArcaError } from "../errors.ts";
 import { openCache, settingsOf } from "./common.ts";
+import { swarmRefetcher } from "../net/peer_refetch.ts";
 import { collect, upstreamSourceOf } from "./serve.ts";
 
 interface VerifyFlags {
@@ -26,7 +27,7 @@ export function registerVerify(program: Command): void {
     .description("check every chunk against its id and every NAR against its NarHash")
     .option(
       "--repair",
-      "delete broken chunks; fetch broken paths again from an upstream, or remove their narinfo",
+      "delete broken chunks; fetch broken paths again from peers or an upstream, or remove their narinfo",
     )
     .option("--json", "print the report as JSON")
     .option(
@@ -51,13 +52,16 @@ export function registerVerify(program: Command): void {
       const log = (message: string) => console.error(message);
       const cache = await openCache(settings);
       const upstream = flags.repair ? upstreamSourceOf(cache, settings, { log }) : undefined;
-      const refetchers: Refetcher[] = upstream ? [(record) => upstream.refetch(record)] : [];
+      // Peers first (through this cache's running swarm, if any), then upstreams.
+      const refetchers: Refetcher[] = [];
+      if (flags.repair) refetchers.push(swarmRefetcher(cache, { log }));
+      if (upstream) refetchers.push((record) => upstream.refetch(record));
       let report;
       try {
         report = await verifyCache(cache, {
           repair: flags.repair,
           refetchers,
-          onProgress: Deno.stderr.isTerminal() || refetchers.length > 0 ? log : undefined,
+          onProgress: Deno.stderr.isTerminal() || upstream !== undefined ? log : undefined,
         });
       } finally {
         await upstream?.close();
