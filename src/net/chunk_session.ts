@@ -87,6 +87,11 @@ export class ChunkSession {
   #serving = false;
   /** Ids of the manifests sent on this session, with their compression. */
   #allowed = new Map<string, ChunkCompression>();
+  /**
+   * Where eviction from {@link #allowed} goes on: one live iterator (`keys().next()` on a
+   * fresh one walks over every deleted entry before it, quadratic once the map is full).
+   */
+  #evictFrom: Iterator<string> | null = null;
   #nextRid = 1;
   #manifestWaiters = new Map<number, (manifest: PeerManifest | null) => void>();
   #chunkWaiters = new Map<number, PendingChunks>();
@@ -262,7 +267,8 @@ export class ChunkSession {
       this.#allowed.delete(id);
       this.#allowed.set(id, manifest.compression);
       if (this.#allowed.size > MAX_ALLOWED_IDS) {
-        this.#allowed.delete(this.#allowed.keys().next().value!);
+        this.#evictFrom ??= this.#allowed.keys();
+        this.#allowed.delete(this.#evictFrom.next().value!);
       }
     }
   }
