@@ -3,7 +3,7 @@
  * an in-memory duplex pair, and over TCP on 127.0.0.1 for the two-way transfer): manifest
  * requests answered from the provider (null when not held); chunks answered in order with
  * the bytes as stored; a chunk id of no manifest sent on THIS session answered `NO CHUNK`
- * (the provider is not even asked); a peer over MAX_MANIFESTS_OUTSTANDING or
+ * (the provider is not even asked), and the ids remembered for that bounded; a peer over MAX_MANIFESTS_OUTSTANDING or
  * MAX_CHUNKS_OUTSTANDING, an answer nobody asked for, an answer out of order, or a malformed
  * message makes handle() throw ProtocolError; close() resolves pending manifests with null
  * and rejects pending chunks; a failed send closes the session; a request handed over in
@@ -368,6 +368,55 @@ Deno.test("chunk session: a chunk of no manifest sent on this session is answere
     assert.equal(pair.b.session.stats.chunksServed, 2);
   } finally {
     await other.close();
+    await pair.close();
+  }
+});
+
+Deno.test("chunk session: the ids a peer may ask for are bounded (the oldest manifests' go first)", async () => {
+  // 2^18 ids are remembered (chunk_session.ts): two manifests of 200k and 100k chunks
+  // overflow it by 37,856, which are the first ones of the first manifest.
+  const synthetic = (count: number, seed: number): PeerManifest => ({
+    narHash: sha256(new Uint8Array([seed])),
+    narSize: count,
+    compression: "none",
+    chunks: Array.from({ length: count }, (_, i) => ({
+      id: (seed.toString(16).padStart(8, "0") + i.toString(16).padStart(8, "0")).repeat(4),
+      size: 1,
+    })),
+  });
+  const first = synthetic(200_000, 1);
+  const second = synthetic(100_000, 2);
+  const provider: ChunkProvider = {
+    manifestOf: (hashPart) => Promise.resolve(hashPart === HASH_A ? first : second),
+    readChunk: (id) => new TextEncoder().encode(id.slice(0, 16)),
+  };
+  const pair = await sessionPair(provider);
+  try {
+    await within("manifest", pair.a.session.requestManifest(HASH_A));
+    await within("manifest", pair.a.session.requestManifest(HASH_B));
+    const evicted = 200_000 + 100_000 - (1 << 18);
+    const ids = [
+      first.chunks[0].id,
+      first.chunks[evicted - 1].id,
+      first.chunks[evicted].id,
+      first.chunks[199_999].id,
+      second.chunks[0].id,
+      second.chunks[99_999].id,
+    ];
+    const answers = await within("chunks", Promise.all(pair.a.session.requestChunks(ids)));
+    assert.deepEqual(answers.map((answer) => answer !== null), [
+      false,
+      false,
+      true,
+      true,
+      true,
+      true,
+    ]);
+    // Asking for a manifest again allows its chunks again.
+    await within("manifest", pair.a.session.requestManifest(HASH_A));
+    const again = await within("chunk", pair.a.session.requestChunks([first.chunks[0].id])[0]);
+    assert.notEqual(again, null);
+  } finally {
     await pair.close();
   }
 });
