@@ -57,13 +57,23 @@ export async function makeTeam() {
         env,
       });
     },
-    /** Starts node `name`, dialing the named peers; with an HTTP port, it also serves. */
+    /**
+     * Starts node `name`, dialing the named peers; with an HTTP port, it also serves. With
+     * `config`, that text is its config.toml; `trust` adds trusted public keys.
+     */
     async start(
       name: string,
-      options: { peers?: string[]; httpPort?: number } = {},
+      options: { peers?: string[]; httpPort?: number; config?: string; trust?: string[] } = {},
     ): Promise<ArcaSwarm> {
       if (!discovery.has(name)) discovery.set(name, freeUdpPort());
+      const configArgs: string[] = [];
+      if (options.config !== undefined) {
+        await Deno.mkdir(dir(name), { recursive: true });
+        await Deno.writeTextFile(`${dir(name)}.toml`, options.config);
+        configArgs.push("--config", `${dir(name)}.toml`);
+      }
       const args = [
+        ...configArgs,
         "--cache-dir",
         dir(name),
         "swarm",
@@ -83,6 +93,7 @@ export async function makeTeam() {
         "--trusted-public-key",
         publicKey,
       ];
+      for (const key of options.trust ?? []) args.push("--trusted-public-key", key);
       for (const peer of options.peers ?? []) {
         if (!discovery.has(peer)) discovery.set(peer, freeUdpPort());
         args.push("--static-peer", `127.0.0.1:${discovery.get(peer)}`);
