@@ -12,7 +12,8 @@
  * the remote record removed, also when the NAR repeats chunks or the peer stores another
  * compression; lookup by NarHash; chunks already local are not asked for (a version sharing
  * ~90% moves ≤ 15% of the NAR); chunks spread over two holders; a holder sending a
- * corrupted chunk is dropped and the NAR completes from the other; a holder that stops
+ * corrupted chunk is dropped and the NAR completes from the other; chunks a holder lacks
+ * are asked from the other (and with no other, the stream errors); a holder that stops
  * answering is given up after the chunk timeout and one whose connection ends is left,
  * both retried on the other; with only a bad or a silent holder the stream errors and
  * nothing is committed or left behind; a manifest whose chunks do not make the NAR drops
@@ -709,6 +710,65 @@ Deno.test("peer fetch: a holder whose connection ends mid-transfer is left for t
     await node.fixture.close();
     await good.fixture.close();
     await leaving.fixture.close();
+  }
+});
+
+/** A provider that has lost every other chunk since it sent its manifest (NO CHUNK). */
+class ForgetfulProvider extends CacheProvider {
+  answered = 0;
+  override readChunk(id: string, compression: ChunkCompression): Uint8Array | null {
+    return this.answered++ % 2 === 1 ? null : super.readChunk(id, compression);
+  }
+}
+
+Deno.test("peer fetch: chunks a holder no longer has are asked from the other", async () => {
+  const nar = narOf(pseudoRandomBytes(3 * MiB, 141));
+  const storePath = fakeStorePath("forgetful", 14);
+  const good = await makeHolder(nar, storePath);
+  const forgetful = await makeHolder(nar, storePath);
+  const forgetfulLink = await connect(
+    nodeId("forgetful"),
+    new ForgetfulProvider(forgetful.fixture.cache),
+  );
+  const goodLink = await connect(nodeId("good"), new CacheProvider(good.fixture.cache));
+  const links = [forgetfulLink, goodLink];
+  const node = await makeFetcher(links);
+  try {
+    await putRecord(node.fixture.cache, good.imported);
+    const got = await fetchNar(node.fetcher, good.imported.hashPart, links);
+    sameBytes(got, nar, "the NAR");
+    await assertCommitted(node.fixture.cache, good.imported, nar);
+    await node.fetcher.settle();
+    assert.ok(node.fetcher.stats.bytesByPeer[nodeId("forgetful")] > 0, "it sent what it had");
+    assert.ok(node.fetcher.stats.bytesByPeer[nodeId("good")] > 0);
+    assert.deepEqual(forgetfulLink.dropped, [], "lacking a chunk is no offence");
+  } finally {
+    await Promise.all(links.map((link) => link.close()));
+    await node.fixture.close();
+    await good.fixture.close();
+    await forgetful.fixture.close();
+  }
+});
+
+Deno.test("peer fetch: chunks no holder has make the stream error; nothing is committed", async () => {
+  const nar = narOf(pseudoRandomBytes(2 * MiB, 151));
+  const forgetful = await makeHolder(nar, fakeStorePath("only-forgetful", 15));
+  const link = await connect(nodeId("forgetful"), new ForgetfulProvider(forgetful.fixture.cache));
+  const node = await makeFetcher([link]);
+  try {
+    await putRecord(node.fixture.cache, forgetful.imported);
+    const path = await within("lookup", node.fetcher.lookup(forgetful.imported.hashPart));
+    assert.ok(path !== null);
+    const error = await readFails(await node.fetcher.openNar(forgetful.imported.hashPart, path));
+    assert.match(error.message, /No connected peer could send chunk/);
+    await within("settle", node.fetcher.settle());
+    await assertNotCommitted(node.fixture.cache, forgetful.imported);
+    assert.deepEqual(link.dropped, []);
+    assert.equal(node.fetcher.stats.narsFailed, 1);
+  } finally {
+    await link.close();
+    await node.fixture.close();
+    await forgetful.fixture.close();
   }
 });
 
