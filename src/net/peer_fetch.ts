@@ -10,13 +10,16 @@
  *   here" (a 404 at once, so Nix moves on). Peers that answer the same manifest are the
  *   path's holders; the answer is remembered for a short while for the NAR request.
  * - Fetch (a NAR request): chunks already in the local store are read from it; the others
- *   are asked from the holders, spread over them (at most {@link PER_PEER_CHUNKS} chunks
- *   in flight each, in requests of up to {@link BATCH_CHUNKS}, at most
- *   {@link AHEAD_CHUNKS} chunks ahead of what has been streamed). A chunk that does not
+ *   are asked from the holders, spread over them (the least busy first, at most
+ *   {@link PER_PEER_CHUNKS} chunks in flight each, in requests of up to
+ *   {@link BATCH_CHUNKS}, at most {@link AHEAD_CHUNKS} chunks ahead of what has been
+ *   streamed). A chunk that does not
  *   decompress to its id and size gets its peer dropped and banned; a chunk a peer lacks,
  *   a peer that goes away, or a request not answered within the chunk timeout, is asked
- *   again from another holder. The NAR streams out in order as it arrives, hashed; new
- *   chunk files are written as they come (temporary names, made durable in rounds).
+ *   again from another holder. The NAR streams out in order as it arrives, hashed; a chunk
+ *   that comes again later in the NAR is kept in memory for those uses (within
+ *   {@link KEEP_BYTES}); new chunk files are written as they come (temporary names, made
+ *   durable in rounds).
  * - Commit: only when the whole NAR hashes to the record's NarHash are its chunk files
  *   made durable, its manifest written and the path committed (segment of the record, the
  *   record's signatures, audited as Fetch); then its remote record goes. The stream ends
@@ -98,6 +101,8 @@ export const PER_PEER_CHUNKS = 32;
 export const BATCH_CHUNKS = 8;
 /** Chunks fetched at most this far ahead of the stream. */
 export const AHEAD_CHUNKS = 256;
+/** Bytes of chunks that recur in a NAR kept in memory during its fetch, at most. */
+export const KEEP_BYTES = 64 * 1024 * 1024;
 /** How long a lookup's answer (manifest and holders) is kept for the NAR request. */
 const FOUND_TTL_MS = 60_000;
 
@@ -307,6 +312,13 @@ class NarFetch {
   #cursor = 0;
   #failure: Error | null = null;
   #peersUsed = new Set<string>();
+  /** References of each id not streamed yet. */
+  #usesLeft = new Map<string, number>();
+  /** Chunks that come again later in the NAR, kept (a private copy) up to {@link KEEP_BYTES}. */
+  #kept = new Map<string, Piece>();
+  #keptBytes = 0;
+  /** Fan-out directories this fetch has written to, by the id's first two hex digits. */
+  #dirs = new Map<string, Promise<void>>();
 
   constructor(
     cache: Cache,
@@ -373,6 +385,7 @@ class NarFetch {
     const chunks = this.#cache.chunks;
     for (let i = 0; i < this.#entries.length; i++) {
       const { id } = this.#entries[i];
+      this.#usesLeft.set(id, (this.#usesLeft.get(id) ?? 0) + 1);
       if (this.#firstIndex.has(id)) continue;
       this.#firstIndex.set(id, i);
       let present = false;
@@ -445,8 +458,35 @@ class NarFetch {
     if (!this.#cancelled) this.#controller.close();
   }
 
-  /** The chunk at the stream's position: fetched, or read from the store. */
+  /**
+   * The chunk at the stream's position: fetched, kept from an earlier use, or read from the
+   * store. A chunk used again later is kept in memory (within {@link KEEP_BYTES}), so a NAR
+   * with repeated chunks does not read and decompress them once per use; each use gets its
+   * own copy, as the stream's consumer may keep or transfer what it is given.
+   */
   async #piece(entry: { id: string; size: number }): Promise<Piece> {
+    const { id } = entry;
+    const left = this.#usesLeft.get(id)! - 1;
+    this.#usesLeft.set(id, left);
+    const kept = this.#kept.get(id);
+    if (kept !== undefined) {
+      if (left === 0) {
+        this.#kept.delete(id);
+        this.#keptBytes -= kept.data.length;
+        return kept;
+      }
+      return { stored: kept.stored, data: kept.data.slice() };
+    }
+    const piece = await this.#load(entry);
+    if (left > 0 && this.#keptBytes + piece.data.length <= KEEP_BYTES) {
+      this.#kept.set(id, { stored: piece.stored, data: piece.data.slice() });
+      this.#keptBytes += piece.data.length;
+    }
+    return piece;
+  }
+
+  /** A chunk as fetched, or read back from the store. */
+  async #load(entry: { id: string; size: number }): Promise<Piece> {
     const { id } = entry;
     for (;;) {
       if (this.#failure) throw this.#failure;
@@ -498,10 +538,15 @@ class NarFetch {
   /** Hands out chunk requests while peers have room. */
   #pump(): void {
     if (this.#failure) return;
+    // The least busy holder first, so that chunks coming due one by one (the stream is the
+    // bottleneck) are spread over the holders rather than all going to the first.
+    const peers = this.#usablePeers().sort((a, b) =>
+      (this.#inflight.get(a) ?? 0) - (this.#inflight.get(b) ?? 0)
+    );
     let progress = true;
     while (progress) {
       progress = false;
-      for (const peer of this.#usablePeers()) {
+      for (const peer of peers) {
         const room = PER_PEER_CHUNKS - (this.#inflight.get(peer) ?? 0);
         if (room <= 0) continue;
         const ids = this.#take(peer, Math.min(room, BATCH_CHUNKS));
@@ -606,6 +651,31 @@ class NarFetch {
     this.#retry.push(id);
   }
 
+  /**
+   * Writes a fetched chunk to its temporary name and hands it to the committer. The first
+   * chunk of each fan-out directory goes through the chunk store, which creates the
+   * directory (durably) if needed; the others are written synchronously, as that costs a
+   * fraction of an asynchronous write (and of a directory check) per file.
+   */
+  #writeChunk(id: string, stored: Uint8Array): Promise<void> {
+    const chunks = this.#cache.chunks;
+    const path = chunks.chunkPath(id, this.#compression);
+    const temporary = `${path}.tmp-${this.#suffix}`;
+    const fanOut = id.slice(0, 2);
+    const directory = this.#dirs.get(fanOut);
+    if (directory === undefined) {
+      const first = chunks.writeTemporary(id, this.#compression, stored, this.#suffix).then(
+        () => this.#committer.add(temporary, path, stored.length),
+      );
+      this.#dirs.set(fanOut, first);
+      return first;
+    }
+    return directory.then(() => {
+      Deno.writeFileSync(temporary, stored);
+      this.#committer.add(temporary, path, stored.length);
+    });
+  }
+
   /** Checks a received chunk; keeps it, or drops the peer that sent a wrong one. */
   #accept(
     peer: PeerHandle,
@@ -636,14 +706,12 @@ class NarFetch {
     this.#stats.bytesByPeer[peer.nodeId] = (this.#stats.bytesByPeer[peer.nodeId] ?? 0) +
       sent.length;
     this.#peersUsed.add(peer.nodeId);
+    // `sent` views the decrypted message, which holds little more than this chunk.
     const stored = compression === this.#compression
-      ? sent.slice()
+      ? sent
       : compressChunk(data, this.#compression);
     this.#ready.set(id, { stored, data });
-    const chunks = this.#cache.chunks;
-    const write = chunks.writeTemporary(id, this.#compression, stored, this.#suffix).then(
-      ({ temporary, path }) => this.#committer.add(temporary, path, stored.length),
-    );
+    const write = this.#writeChunk(id, stored);
     write.catch((error) => this.#fail(error));
     this.#written.set(id, write.catch(() => {}));
     this.#writes.push(write);
