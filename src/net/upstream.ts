@@ -12,18 +12,26 @@
  * (60 s by default). An upstream that times out (5 s by default, for the headers and for
  * any stall of a body) or refuses connections is skipped for 30 s.
  *
- * {@link UpstreamSource.openNar} fetches the NAR file, decompresses it as a stream and hands
- * the same bytes to two consumers with bounded buffering (about 2 MiB each) and backpressure
- * from both: the client's response, and {@link Cache.importNar} (with the upstream's
- * references, deriver, CA and signatures, its NarHash and NarSize as claims, the segment the
- * configured filters choose, audited as `Fetch` naming the upstream). If the client goes away
- * the import goes on alone, so the path becomes local all the same; an import that fails
- * (wrong NarHash, not a NAR, upstream cut short or stalled) stores nothing and errors the
- * client's stream. One path is fetched at most once at a time: a second request for it waits
- * for the first import and is then served from the cache.
+ * {@link UpstreamSource.openNar} fetches the NAR file and decompresses it as a stream. The
+ * client comes first: it gets the NAR as it arrives (through a pipe of about 2 MiB a side,
+ * with its backpressure), while the same bytes are spooled (in memory up to 8 MiB, else in a
+ * file under `<cache-dir>/upstream-spool/`, written asynchronously); once the whole NAR is
+ * spooled, {@link Cache.importNar} reads it from the spool (with the upstream's references,
+ * deriver, CA and signatures, its NarHash and NarSize as claims, the segment the configured
+ * filters choose, audited as `Fetch` naming the upstream), and the spool is removed. The
+ * import's chunking and compression would otherwise compete with the client's stream for
+ * the same cores (on two cores, importing while streaming made `nix copy` through arca 2×
+ * slower; docs/BENCHMARKS.md). If the client goes away, the rest of the NAR is still
+ * fetched and imported, so the path becomes local all the same. An upstream that cuts the
+ * NAR short, stalls or sends what does not decompress errors the client's stream and stores
+ * nothing; a NAR that does not match its NarHash never ends whole for the client (the
+ * server checks it as it streams) and the import refuses it. One path is fetched at most once at a time: a second request
+ * for it waits for the first import and is then served from the cache.
+ * `verify --repair`'s {@link UpstreamSource.refetch} imports straight from the stream.
  * @module
  */
 
+import { join } from "node:path";
 import type { Cache, ImportResult, PathMetadata } from "../cache/cache.ts";
 import { type ChunkCompression, ChunkCompressor } from "../cache/compression.ts";
 import {
@@ -130,6 +138,7 @@ export class UpstreamSource implements PathSource {
   /** Imports in flight, by hash part. */
   #fetches = new Map<string, Promise<ImportResult>>();
   #closed = false;
+  #spoolSwept = false;
 
   /**
    * A source over `options.upstreams` that imports what it fetches into `cache`; UsageError
@@ -414,6 +423,16 @@ export class UpstreamSource implements PathSource {
     }
   }
 
+  /** Where NARs streamed to clients are spooled for their import (stale files removed once). */
+  #spoolDir(): string {
+    const dir = join(this.#cache.cacheDir, "upstream-spool");
+    if (!this.#spoolSwept) {
+      this.#spoolSwept = true;
+      removeStaleFiles(dir, STALE_SPOOL_MS).catch(() => {});
+    }
+    return dir;
+  }
+
   #compressorOf(): ChunkCompressor {
     return this.#compressor ??= new ChunkCompressor({ compression: this.#compression });
   }
@@ -471,21 +490,32 @@ export class UpstreamSource implements PathSource {
           return error;
         },
       }).pipeThrough(decompressStream(found.compression, { maxOutputBytes: path.narSize }));
-      const fanned = fanOut(nar, options.client);
-      const importing = this.#cache.importNar(fanned.import, meta, {
-        compression: this.#compression,
-        compressor: this.#compressorOf(),
-        segment: options.segment,
-        auditAs: "Fetch",
-        auditDetail: `from ${upstream.url}`,
-      });
-      Promise.all([importing, fanned.done]).then(([imported]) => result.resolve(imported), (
-        error,
-      ) => {
+      const importNar = (stream: ReadableStream<Uint8Array>) =>
+        this.#cache.importNar(stream, meta, {
+          compression: this.#compression,
+          compressor: this.#compressorOf(),
+          segment: options.segment,
+          auditAs: "Fetch",
+          auditDetail: `from ${upstream.url}`,
+        });
+      let importing: Promise<ImportResult>;
+      let client: ReadableStream<Uint8Array> | null = null;
+      if (options.client) {
+        // The client first: it gets the NAR as it comes, while the same bytes are spooled;
+        // the import (CPU-heavy: chunking, compression) runs from the spool afterwards.
+        const spool = await Spool.create(this.#spoolDir(), path.narSize);
+        const teed = spoolTee(nar, spool);
+        client = teed.client;
+        importing = teed.spooled.then(() => importNar(spool.readable()))
+          .finally(() => spool.discard());
+      } else {
+        importing = importNar(nar);
+      }
+      importing.then((imported) => result.resolve(imported), (error) => {
         this.#log(`Upstream ${upstream.url}: ${what} not imported: ${(error as Error).message}`);
         result.reject(error);
       });
-      return fanned.client;
+      return client;
     })();
     client.catch((error) => result.reject(error));
     return { client, done: result.promise };
@@ -581,56 +611,157 @@ export function stallGuard(
 }
 
 /**
- * Hands the pieces of `source` to two readers, the import and (when `withClient`) the
- * client, each through a pipe of {@link PIPE_BYTES} a side: the next piece is read only when
- * both have room. When the client cancels, the import goes on alone; when the import
- * cancels (it failed), or the source errors, the other side is errored too. `done` settles
- * when the last piece has been handed over (or rejects with the error that stopped it).
+ * Hands the pieces of `source` to the client (a pipe of {@link PIPE_BYTES} a side, with its
+ * backpressure) and appends them to `spool`. When the client cancels, the rest still goes
+ * to the spool. `spooled` resolves once the whole source is in the spool, and rejects (the
+ * client's stream erroring too) when the source or the spool fails.
  */
-export function fanOut(
+export function spoolTee(
   source: ReadableStream<Uint8Array>,
-  withClient: boolean,
-): {
-  import: ReadableStream<Uint8Array>;
-  client: ReadableStream<Uint8Array> | null;
-  done: Promise<void>;
-} {
-  const pipe = () =>
-    new TransformStream<Uint8Array, Uint8Array>(
-      undefined,
-      new ByteLengthQueuingStrategy({ highWaterMark: PIPE_BYTES }),
-      new ByteLengthQueuingStrategy({ highWaterMark: PIPE_BYTES }),
-    );
-  const toImport = pipe();
-  const toClient = withClient ? pipe() : null;
-  const importWriter = toImport.writable.getWriter();
-  let clientWriter = toClient?.writable.getWriter() ?? null;
-  const done = (async () => {
+  spool: Spool,
+): { client: ReadableStream<Uint8Array>; spooled: Promise<void> } {
+  const toClient = new TransformStream<Uint8Array, Uint8Array>(
+    undefined,
+    new ByteLengthQueuingStrategy({ highWaterMark: PIPE_BYTES }),
+    new ByteLengthQueuingStrategy({ highWaterMark: PIPE_BYTES }),
+  );
+  let writer: WritableStreamDefaultWriter<Uint8Array> | null = toClient.writable.getWriter();
+  const spooled = (async () => {
     const reader = source.getReader();
     try {
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        await importWriter.ready;
-        importWriter.write(value).catch(() => {});
-        if (clientWriter !== null) {
+        await spool.append(value);
+        if (writer !== null) {
           try {
-            await clientWriter.ready;
-            clientWriter.write(value).catch(() => {});
+            await writer.ready;
+            writer.write(value).catch(() => {});
           } catch {
-            clientWriter = null; // the client went away: keep importing
+            writer = null; // the client went away: spool the rest for the import
           }
         }
       }
-      await importWriter.close();
-      await clientWriter?.close().catch(() => {});
+      await spool.finish();
+      await writer?.close().catch(() => {});
     } catch (error) {
       await reader.cancel(error).catch(() => {});
-      await importWriter.abort(error).catch(() => {});
-      await clientWriter?.abort(error).catch(() => {});
+      await writer?.abort(error).catch(() => {});
       throw error;
     }
   })();
-  done.catch(() => {});
-  return { import: toImport.readable, client: toClient?.readable ?? null, done };
+  spooled.catch(() => {});
+  return { client: toClient.readable, spooled };
+}
+
+/** NARs up to this size are spooled in memory, larger ones in a file. */
+const MEMORY_SPOOL_BYTES = 8 * 1024 * 1024;
+/** Bytes of spool writes in flight before {@link Spool.append} waits. */
+const SPOOL_WRITE_BYTES = 8 * 1024 * 1024;
+/** Spool files older than this are left from a crash. */
+const STALE_SPOOL_MS = 24 * 3_600_000;
+
+/**
+ * A NAR kept until its import reads it: in memory when small, else in a file of the spool
+ * directory (written by a queue of asynchronous writes with {@link SPOOL_WRITE_BYTES} in
+ * flight at most). {@link Spool.discard} releases it.
+ */
+export class Spool {
+  #pieces: Uint8Array[] | null;
+  #path: string | null;
+  #file: Deno.FsFile | null;
+  #writing: Promise<void> = Promise.resolve();
+  #inFlight = 0;
+  #failed: unknown = undefined;
+
+  private constructor(path: string | null, file: Deno.FsFile | null) {
+    this.#path = path;
+    this.#file = file;
+    this.#pieces = file === null ? [] : null;
+  }
+
+  /** A spool for a NAR of `size` bytes; a file in `dir` unless it is small. */
+  static async create(dir: string, size: number): Promise<Spool> {
+    if (size <= MEMORY_SPOOL_BYTES) return new Spool(null, null);
+    await Deno.mkdir(dir, { recursive: true });
+    const path = join(dir, `${crypto.randomUUID()}.nar`);
+    const file = await Deno.open(path, { write: true, createNew: true, mode: 0o600 });
+    return new Spool(path, file);
+  }
+
+  /** Appends a piece (not copied: it must not change). */
+  async append(piece: Uint8Array): Promise<void> {
+    if (this.#pieces !== null) {
+      this.#pieces.push(piece);
+      return;
+    }
+    if (this.#failed !== undefined) throw this.#failed;
+    const file = this.#file!;
+    this.#inFlight += piece.length;
+    this.#writing = this.#writing.then(async () => {
+      if (this.#failed !== undefined) return;
+      try {
+        for (let at = 0; at < piece.length;) at += await file.write(piece.subarray(at));
+      } catch (error) {
+        this.#failed = error;
+      } finally {
+        this.#inFlight -= piece.length;
+      }
+    });
+    if (this.#inFlight > SPOOL_WRITE_BYTES) await this.#writing;
+    if (this.#failed !== undefined) throw this.#failed;
+  }
+
+  /** Waits for the writes, then closes the file. */
+  async finish(): Promise<void> {
+    await this.#writing;
+    this.#file?.close();
+    this.#file = null;
+    if (this.#failed !== undefined) throw this.#failed;
+  }
+
+  /** The spooled bytes, in order (after {@link Spool.finish}). */
+  readable(): ReadableStream<Uint8Array> {
+    if (this.#pieces !== null) return ReadableStream.from(this.#pieces);
+    const path = this.#path!;
+    let file: Deno.FsFile | null = null;
+    return new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        file ??= await Deno.open(path, { read: true });
+        const buffer = new Uint8Array(PIPE_BYTES);
+        const n = await file.read(buffer);
+        if (n === null) {
+          file.close();
+          controller.close();
+        } else {
+          controller.enqueue(buffer.subarray(0, n));
+        }
+      },
+      cancel() {
+        file?.close();
+      },
+    }, { highWaterMark: 0 });
+  }
+
+  /** Releases the spooled bytes (removes the file). */
+  async discard(): Promise<void> {
+    this.#pieces = null;
+    await this.#writing;
+    try {
+      this.#file?.close();
+    } catch { /* closed */ }
+    this.#file = null;
+    if (this.#path !== null) await Deno.remove(this.#path).catch(() => {});
+  }
+}
+
+/** Removes the files of `dir` older than `ms` (spool files left by a crash). */
+async function removeStaleFiles(dir: string, ms: number): Promise<void> {
+  const cutoff = Date.now() - ms;
+  for await (const entry of Deno.readDir(dir)) {
+    if (!entry.isFile) continue;
+    const path = join(dir, entry.name);
+    const info = await Deno.stat(path);
+    if ((info.mtime?.getTime() ?? Infinity) < cutoff) await Deno.remove(path).catch(() => {});
+  }
 }

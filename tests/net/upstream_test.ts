@@ -15,7 +15,12 @@ import { parsePublicKey } from "../../src/cache/signing.ts";
 import { verifyCache } from "../../src/cache/verify.ts";
 import { UNIVERSAL_SEGMENT } from "../../src/config.ts";
 import { createHandler, type Handler } from "../../src/net/server.ts";
-import { fanOut, UpstreamSource, type UpstreamSourceOptions } from "../../src/net/upstream.ts";
+import {
+  Spool,
+  spoolTee,
+  UpstreamSource,
+  type UpstreamSourceOptions,
+} from "../../src/net/upstream.ts";
 import { fakeStorePath, hashPartOf, makeCacheFixture } from "../helpers/cache_fixture.ts";
 import { addToStore, HAVE_NIX, narDump, runNix } from "../helpers/nix.ts";
 import { startStaticServer, type StaticServer } from "../helpers/static_server.ts";
@@ -530,27 +535,55 @@ test("verify --repair refetches a path whose chunk was damaged", async () => {
   }
 });
 
-Deno.test("fanOut: both readers get every piece; a reader that leaves does not stop the other", async () => {
-  const pieces = Array.from({ length: 50 }, (_, i) => new Uint8Array(100_000).fill(i));
-  const both = fanOut(ReadableStream.from(pieces), true);
-  const [a, b] = await Promise.all([
-    new Response(both.import).arrayBuffer(),
-    new Response(both.client!).arrayBuffer(),
-  ]);
-  await both.done;
-  assert.equal(a.byteLength, 5_000_000);
-  assertSameNar(new Uint8Array(b), new Uint8Array(a), "client's copy");
+Deno.test("spoolTee: the client gets every piece and the spool keeps them all, also after the client left", async () => {
+  const pieces = Array.from({ length: 100 }, (_, i) => new Uint8Array(100_000).fill(i));
+  const whole = new Uint8Array(10_000_000);
+  pieces.forEach((piece, i) => whole.set(piece, i * 100_000));
+  const dir = await Deno.makeTempDir({ prefix: "arca-spool-test-" });
+  try {
+    for (const size of [whole.length, 1000]) { // a file spool, and a memory one
+      const spool = await Spool.create(dir, size);
+      const teed = spoolTee(ReadableStream.from(pieces), spool);
+      const client = new Uint8Array(await new Response(teed.client).arrayBuffer());
+      await teed.spooled;
+      assertSameNar(client, whole, "client's copy");
+      assertSameNar(
+        new Uint8Array(await new Response(spool.readable()).arrayBuffer()),
+        whole,
+        "spooled copy",
+      );
+      await spool.discard();
 
-  const left = fanOut(ReadableStream.from(pieces), true);
-  const reader = left.client!.getReader();
-  await reader.read();
-  await reader.cancel();
-  assert.equal((await new Response(left.import).arrayBuffer()).byteLength, 5_000_000);
-  await left.done;
+      const left = await Spool.create(dir, size);
+      const leaving = spoolTee(ReadableStream.from(pieces), left);
+      const reader = leaving.client.getReader();
+      await reader.read();
+      await reader.cancel();
+      await leaving.spooled;
+      assertSameNar(
+        new Uint8Array(await new Response(left.readable()).arrayBuffer()),
+        whole,
+        "spooled after the client left",
+      );
+      await left.discard();
+    }
+    assert.deepEqual([...Deno.readDirSync(dir)], [], "spool files are removed");
 
-  // The import failing errors the client.
-  const failing = fanOut(ReadableStream.from(pieces), true);
-  await failing.import.cancel(new Error("import failed"));
-  await assert.rejects(new Response(failing.client!).arrayBuffer());
-  await assert.rejects(failing.done, /import failed/);
+    // A source that fails errors the client and the spooling.
+    const failing = await Spool.create(dir, whole.length);
+    const broken = spoolTee(
+      new ReadableStream({
+        pull(controller) {
+          controller.enqueue(new Uint8Array(1000));
+          controller.error(new Error("upstream cut short"));
+        },
+      }),
+      failing,
+    );
+    await assert.rejects(new Response(broken.client).arrayBuffer());
+    await assert.rejects(broken.spooled, /upstream cut short/);
+    await failing.discard();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
