@@ -91,8 +91,10 @@ const DEFAULT_POSITIVE_TTL_MS = 3_600_000;
 /** Bytes each consumer of a fetched NAR may have queued (each side of its pipe). */
 const PIPE_BYTES = 1024 * 1024;
 
-/** Limits of the memory of answers: entries (each weighs 1). */
-const ANSWER_LIMITS = { maxEntries: 65_536, maxWeight: 65_536 };
+/** Limits of the memory of found paths (each weighs 1; a narinfo's fields, ~1 KiB). */
+const FOUND_LIMITS = { maxEntries: 16_384, maxWeight: 16_384 };
+/** Limits of the memory of misses (each weighs 1). */
+const MISSING_LIMITS = { maxEntries: 65_536, maxWeight: 65_536 };
 
 /** A relative NAR URL as Nix writes them: no scheme, no leading `/`, no `..`, no `//`. */
 const SAFE_NAR_URL = /^(?!\/)(?!.*\.\.)(?!.*\/\/)[A-Za-z0-9._+=\/-]{1,400}$/;
@@ -130,9 +132,9 @@ export class UpstreamSource implements PathSource {
   #positiveTtlMs: number;
   #log: (message: string) => void;
   #compressor: ChunkCompressor | null = null;
-  #found = new BoundedCache<string, Found>(ANSWER_LIMITS);
-  #missing = new BoundedCache<string, number>(ANSWER_LIMITS);
-  #byNarHash = new BoundedCache<string, string>(ANSWER_LIMITS);
+  #found = new BoundedCache<string, Found>(FOUND_LIMITS);
+  #missing = new BoundedCache<string, number>(MISSING_LIMITS);
+  #byNarHash = new BoundedCache<string, string>(FOUND_LIMITS);
   #lookups = new Map<string, Promise<Found | null>>();
   #downUntil = new Map<string, number>();
   /** Imports in flight, by hash part. */
@@ -183,8 +185,9 @@ export class UpstreamSource implements PathSource {
 
   /**
    * The uncompressed NAR of a path {@link UpstreamSource.lookup} found, streamed from the
-   * upstream while it is imported into the cache (see the module comment). NotFoundError
-   * when no upstream can deliver it now (the reason is logged).
+   * upstream as it arrives, and imported into the cache once whole (see the module comment);
+   * from the cache when it is local already. NotFoundError when no upstream can deliver it
+   * now (the reason is logged).
    */
   async openNar(hashPart: string, path: SourcePath): Promise<ReadableStream<Uint8Array>> {
     const local = await this.#localNar(hashPart, path.narHash);
