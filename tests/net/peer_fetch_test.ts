@@ -62,8 +62,11 @@ const KEY_B = generateStaticKeyPair();
 const PSK = deriveTopicKeys("peer fetch test topic").psk;
 const SIGNER = generateSecretKey("peer-fetch-test-1");
 const WAIT_MS = 60_000;
-/** Chunk timeout in the tests of silent holders (bounded: only how long they take). */
-const SHORT_TIMEOUT_MS = 1000;
+/**
+ * Chunk timeout in the tests of silent holders: how long they take, and how long an
+ * answering holder may be stalled there before it counts as silent too.
+ */
+const SHORT_TIMEOUT_MS = 2000;
 const MiB = 1024 * 1024;
 
 /** Rejects after `ms` (bounded waits only: to prove that something does not hang). */
@@ -317,6 +320,9 @@ async function makeFetcher(
   const fetcher = new PeerFetcher(fixture.cache, directoryOf(links), {
     compression: "zstd",
     segments: [{ name: SEGMENT, filter: "all" }],
+    // Long unless a test is about them: answers that do come are never given up on.
+    manifestTimeoutMs: WAIT_MS,
+    chunkTimeoutMs: WAIT_MS,
     log: (message) => logs.push(message),
     ...options,
   });
