@@ -10,7 +10,7 @@
  * Covered: a NAR fetched whole, byte-identical, committed (record with the remote record's
  * metadata and signatures, manifest, chunks, an audited Fetch) before the stream ends, and
  * the remote record removed, also when the NAR repeats chunks or the peer stores another
- * compression; lookup by NarHash; chunks already local are not asked for (a version sharing
+ * compression, and to two clients asking at once; lookup by NarHash; chunks already local are not asked for (a version sharing
  * ~90% moves ≤ 15% of the NAR); chunks spread over two holders; a holder sending a
  * corrupted chunk is dropped and the NAR completes from the other; chunks a holder lacks
  * are asked from the other (and with no other, the stream errors); a holder that stops
@@ -493,6 +493,46 @@ Deno.test("peer fetch: a NAR that repeats its chunks asks for each once and stre
     await node.fetcher.settle();
     assert.equal(provider.reads.length, distinct);
     assert.equal(node.fetcher.stats.chunksFetched, distinct);
+  } finally {
+    await link.close();
+    await node.fixture.close();
+    await holder.fixture.close();
+  }
+});
+
+Deno.test("peer fetch: two clients asking for the same NAR at once both get it whole", async () => {
+  const nar = narOf(pseudoRandomBytes(3 * MiB, 16));
+  const holder = await makeHolder(nar, fakeStorePath("twice", 16));
+  const link = await connect(nodeId("a"), new CacheProvider(holder.fixture.cache));
+  const node = await makeFetcher([link]);
+  try {
+    await putRecord(node.fixture.cache, holder.imported);
+    const { hashPart } = holder.imported;
+    const path = await within("lookup", node.fetcher.lookup(hashPart));
+    assert.ok(path !== null);
+    const streams = await Promise.all([
+      node.fetcher.openNar(hashPart, path),
+      node.fetcher.openNar(hashPart, path),
+    ]);
+    const [first, second] = await within(
+      "both NARs",
+      Promise.all(streams.map(async (stream) => concat(await Array.fromAsync(stream)))),
+    );
+    sameBytes(first, nar, "the first client's NAR");
+    sameBytes(second, nar, "the second client's NAR");
+    await within("settle", node.fetcher.settle());
+    const record = await node.fixture.cache.getPath(hashPart);
+    assert.ok(record !== null);
+    const stored = await node.fixture.cache.narOfPath(hashPart);
+    assert.ok(stored !== null);
+    assert.deepEqual(await node.fixture.cache.missingChunks(stored.manifest), []);
+    sameBytes(
+      concat(await Array.fromAsync(node.fixture.cache.openNar(stored.manifest))),
+      nar,
+      "the committed NAR",
+    );
+    assert.equal(node.fetcher.stats.narsFailed, 0);
+    assert.deepEqual(await temporaryFiles(node.fixture.cache), []);
   } finally {
     await link.close();
     await node.fixture.close();
