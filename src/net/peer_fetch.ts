@@ -119,6 +119,8 @@ interface Found {
 /** The {@link PathSource} of swarm peers. */
 export class PeerFetcher implements PathSource {
   readonly kind = "peer" as const;
+  /** Its NARs are checked here, the last piece held back until they are whole and committed. */
+  readonly checksNars = true;
   readonly stats: PeerFetchStats = {
     narsFetched: 0,
     narsFailed: 0,
@@ -402,6 +404,7 @@ class NarFetch {
     const fileHash = new Sha256Stream();
     const stored: ManifestEntry[] = [];
     let fileSize = 0;
+    let held: Uint8Array | null = null;
     for (this.#cursor = 0; this.#cursor < this.#entries.length; this.#cursor++) {
       this.#pump();
       const entry = this.#entries[this.#cursor];
@@ -410,10 +413,9 @@ class NarFetch {
       fileHash.update(piece.stored);
       fileSize += piece.stored.length;
       stored.push({ id: entry.id, size: entry.size, storedSize: piece.stored.length });
-      while (!this.#cancelled && (this.#controller.desiredSize ?? 0) <= 0) {
-        await new Promise<void>((resolve) => (this.#wantMore = resolve));
-      }
-      if (!this.#cancelled) this.#controller.enqueue(piece.data);
+      // Each piece goes out when the next one is here: the last waits for the checks.
+      if (held !== null) await this.#release(held);
+      held = piece.data;
     }
     const { record, manifest } = this.#found;
     const digest = narHash.digest();
@@ -455,7 +457,16 @@ class NarFetch {
     for (const segment of this.#found.segments) await this.#remote.delete(segment, hash);
     this.#stats.narsFetched++;
     this.#stats.narBytes += manifest.narSize;
+    if (held !== null) await this.#release(held);
     if (!this.#cancelled) this.#controller.close();
+  }
+
+  /** Hands a piece to the client once it wants more (dropped if it went away). */
+  async #release(piece: Uint8Array): Promise<void> {
+    while (!this.#cancelled && (this.#controller.desiredSize ?? 0) <= 0) {
+      await new Promise<void>((resolve) => (this.#wantMore = resolve));
+    }
+    if (!this.#cancelled) this.#controller.enqueue(piece);
   }
 
   /**

@@ -75,6 +75,11 @@ export interface SourcePath {
 export interface PathSource {
   /** Where hits are counted in the metrics. */
   readonly kind: "peer" | "upstream";
+  /**
+   * True when {@link PathSource.openNar}'s stream checks the NAR itself (NarHash and
+   * NarSize, its last piece held back until then); otherwise the server does.
+   */
+  readonly checksNars?: boolean;
   /** The path with this hash part, or null when this source cannot deliver it now. */
   lookup(hashPart: string): Promise<SourcePath | null>;
   /**
@@ -296,10 +301,12 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     }
     if (entry === undefined) throw new HttpError(404, "No such NAR");
     const { hashPart, path, source } = entry;
-    const open = async () =>
-      (await source.openNar(hashPart, path)).pipeThrough(
+    const open = async () => {
+      const nar = await source.openNar(hashPart, path);
+      return source.checksNars ? nar : nar.pipeThrough(
         verifyNarStream({ narHash, narSize: path.narSize, name: `NAR of ${path.storePath}` }),
       );
+    };
     const body = request.method === "HEAD" ? null : await open();
     return narResponse(request, path.narSize, () => body!, source.kind);
   }
