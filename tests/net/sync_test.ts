@@ -400,7 +400,17 @@ function text(value: string): Uint8Array {
 
 const HOSTILE: { label: string; message: Uint8Array; error: RegExp; initiator?: boolean }[] = [
   { label: "invalid UTF-8", message: Uint8Array.of(0xff, 0xfe, 0x80), error: /not JSON/ },
-  { label: "garbage", message: crypto.getRandomValues(new Uint8Array(300)), error: /not JSON/ },
+  {
+    // A first byte of 0x20 or more: below, a message belongs to the chunk protocol.
+    label: "garbage",
+    message: Uint8Array.of(0xff, ...crypto.getRandomValues(new Uint8Array(299))),
+    error: /not JSON/,
+  },
+  {
+    label: "a binary message to a session without the chunk protocol",
+    message: Uint8Array.of(0x01, 0, 0, 0, 1),
+    error: /binary/,
+  },
   { label: "not JSON", message: text("hello there"), error: /not JSON/ },
   { label: "truncated JSON", message: text('{"t":"records","records":['), error: /not JSON/ },
   { label: "an empty message", message: new Uint8Array(0), error: /not JSON/ },
