@@ -507,17 +507,47 @@ class NarFetch {
         return ready;
       }
       const writing = this.#written.get(id);
-      if (this.#local.has(id) || writing !== undefined) {
+      if (writing !== undefined) {
+        // Fetched (and checked) by this fetch.
         await writing;
         const storedBytes = this.#readStored(id);
         const data = decompressChunk(storedBytes, this.#compression, { maxSize: entry.size });
-        if (data.length !== entry.size) {
-          throw new IntegrityError(`Local chunk ${id} has ${data.length} bytes, not ${entry.size}`);
-        }
         return { stored: storedBytes, data };
+      }
+      if (this.#local.has(id)) {
+        const local = this.#checkedLocal(entry);
+        if (local !== null) return local;
+        // Damaged here: fetched like a missing one (the damaged file is gone).
+        this.#local.delete(id);
+        this.#retry.push(id);
+        this.#pump();
+        continue;
       }
       await new Promise<void>((resolve) => this.#waiting.set(id, resolve));
     }
+  }
+
+  /**
+   * A chunk this cache held before the fetch, checked against its id and size (a damaged
+   * one would fail the NarHash check and get honest peers blamed); null, having removed
+   * the file, when it is damaged or gone.
+   */
+  #checkedLocal(entry: { id: string; size: number }): Piece | null {
+    const path = this.#cache.chunks.chunkPath(entry.id, this.#compression);
+    try {
+      const stored = Deno.readFileSync(path);
+      const data = decompressChunk(stored, this.#compression, { maxSize: entry.size });
+      if (data.length === entry.size && formatBase16(sha256(data)) === entry.id) {
+        return { stored, data };
+      }
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) return null;
+    }
+    this.#log(`peer fetch: local chunk ${entry.id} is damaged; fetching it from peers`);
+    try {
+      Deno.removeSync(path);
+    } catch { /* gone already */ }
+    return null;
   }
 
   /** A chunk file of ours: at its final name, or still at its temporary one. */

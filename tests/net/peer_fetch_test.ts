@@ -613,6 +613,48 @@ Deno.test("peer fetch: chunks already local are not fetched (a version sharing 9
   }
 });
 
+Deno.test("peer fetch: a damaged local chunk is fetched again, and no honest peer is blamed", async () => {
+  const size = 4 * MiB;
+  const first = pseudoRandomBytes(size, 31);
+  const second = first.slice();
+  second.set(pseudoRandomBytes(size / 4, 32), size - size / 4);
+  const holder = await makeHolder(narOf(second), fakeStorePath("app-2.0", 3));
+  const link = await connect(nodeId("a"), new CacheProvider(holder.fixture.cache));
+  const node = await makeFetcher([link]);
+  try {
+    const local = await importFixture(node.fixture.cache, narOf(first), {
+      storePath: fakeStorePath("app-1.0", 3),
+    });
+    await putRecord(node.fixture.cache, holder.imported);
+    // Damage, in place and keeping its size, a local chunk the new version shares.
+    const wanted = new Set(
+      (await holder.fixture.cache.narOfPath(holder.imported.hashPart))!.manifest.chunks.map((c) =>
+        c.id
+      ),
+    );
+    const shared = (await node.fixture.cache.narOfPath(local.hashPart))!.manifest.chunks
+      .find((chunk) => wanted.has(chunk.id))!;
+    const path = node.fixture.cache.chunks.chunkPath(shared.id, "zstd");
+    const bytes = await Deno.readFile(path);
+    bytes[bytes.length >> 1] ^= 0xff;
+    await Deno.writeFile(path, bytes);
+
+    const got = await fetchNar(node.fetcher, holder.imported.hashPart, [link]);
+    sameBytes(got, holder.imported.nar, "the NAR");
+    await assertCommitted(node.fixture.cache, holder.imported, holder.imported.nar);
+    assert.deepEqual(link.dropped, [], "the peer sent nothing wrong");
+    assert.ok(node.logs.some((line) => line.includes(`local chunk ${shared.id} is damaged`)));
+    // The chunk file is whole again: fetched, checked and stored.
+    const stored = await node.fixture.cache.chunks.read(shared.id, "zstd");
+    assert.notDeepEqual(stored, bytes);
+  } finally {
+    await node.fetcher.settle();
+    await link.close();
+    await node.fixture.close();
+    await holder.fixture.close();
+  }
+});
+
 Deno.test("peer fetch: chunks are spread across two holders", async () => {
   const nar = narOf(pseudoRandomBytes(4 * MiB, 31));
   const storePath = fakeStorePath("spread", 3);
