@@ -215,13 +215,17 @@ Deno.test("cli: global options before and after the subcommand; status --json", 
         "dedupRatio",
         "narBytes",
         "paths",
+        "peerFetch",
         "peers",
         "remoteRecords",
         "segments",
         "storedBytes",
         "swarm",
       ]);
-      assert.deepEqual([status.peers, status.remoteRecords, status.swarm], [[], 0, null]);
+      assert.deepEqual(
+        [status.peers, status.remoteRecords, status.swarm, status.peerFetch],
+        [[], 0, null, null],
+      );
       assert.deepEqual(status.segments, [
         { name: "universal", filter: "all", swarm: false, paths: 0, narBytes: 0 },
       ]);
