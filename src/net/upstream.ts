@@ -12,22 +12,22 @@
  * (60 s by default). An upstream that times out (5 s by default, for the headers and for
  * any stall of a body) or refuses connections is skipped for 30 s.
  *
- * {@link UpstreamSource.openNar} fetches the NAR file and decompresses it as a stream. The
- * client comes first: it gets the NAR as it arrives (through a pipe of about 2 MiB a side,
- * with its backpressure), while the same bytes are spooled (in memory up to 8 MiB, else in a
- * file under `<cache-dir>/upstream-spool/`, written asynchronously); once the whole NAR is
- * spooled, {@link Cache.importNar} reads it from the spool (with the upstream's references,
- * deriver, CA and signatures, its NarHash and NarSize as claims, the segment the configured
- * filters choose, audited as `Fetch` naming the upstream), and the spool is removed. The
- * import's chunking and compression would otherwise compete with the client's stream for
- * the same cores (on two cores, importing while streaming made `nix copy` through arca 2×
- * slower; docs/BENCHMARKS.md). If the client goes away, the rest of the NAR is still
- * fetched and imported, so the path becomes local all the same. An upstream that cuts the
- * NAR short, stalls or sends what does not decompress errors the client's stream and stores
- * nothing; a NAR that does not match its NarHash never ends whole for the client (the
- * server checks it as it streams) and the import refuses it. One path is fetched at most once at a time: a second request
- * for it waits for the first import and is then served from the cache.
- * `verify --repair`'s {@link UpstreamSource.refetch} imports straight from the stream.
+ * {@link UpstreamSource.openNar} fetches the NAR file and decompresses it as a stream into a
+ * {@link Spool} (in memory up to 8 MiB, else a file under `<cache-dir>/upstream-spool/`,
+ * written asynchronously), at the upstream's pace. The client reads the spool as it grows, at
+ * its own pace; so does any other request for the same NAR meanwhile: one path is fetched
+ * once, and no client waits for another. The clients come first: once the NAR is whole and
+ * its readers are done (or 30 s later), {@link Cache.importNar} reads it from the spool (with
+ * the upstream's references, deriver, CA and signatures, its NarHash and NarSize as claims,
+ * the segment the configured filters choose, audited as `Fetch` naming the upstream), and
+ * the spool is removed. The import's chunking and compression would otherwise compete with
+ * the clients' streams for the same cores (on two cores, importing while streaming made
+ * `nix copy` through arca 1.6× slower; docs/BENCHMARKS.md). A client that goes away does
+ * not stop the fetch, so the path becomes local all the same. An upstream that cuts the NAR
+ * short, stalls or sends what does not decompress errors the clients' streams and stores
+ * nothing; a NAR that does not match its NarHash never ends whole for a client (the server
+ * checks it as it streams) and the import refuses it. `verify --repair`'s
+ * {@link UpstreamSource.refetch} imports straight from the stream.
  * @module
  */
 
@@ -88,7 +88,7 @@ export const DEFAULT_NEGATIVE_TTL_MS = 60_000;
 const DEFAULT_DOWN_FOR_MS = 30_000;
 const DEFAULT_POSITIVE_TTL_MS = 3_600_000;
 
-/** Bytes each consumer of a fetched NAR may have queued (each side of its pipe). */
+/** Most bytes a reader of a file spool reads at a time. */
 const PIPE_BYTES = 1024 * 1024;
 
 /** Limits of the memory of found paths (each weighs 1; a narinfo's fields, ~1 KiB). */
@@ -107,6 +107,14 @@ interface Found {
   narUrl: string;
   compression: UploadCompression;
   expiresAt: number;
+}
+
+/** A NAR being fetched from an upstream and imported. */
+interface FetchJob {
+  /** The spool its NAR goes to, once the upstream answered (null: fetched without one). */
+  spool: Promise<Spool | null>;
+  /** Settles with the import. */
+  done: Promise<ImportResult>;
 }
 
 /** Why a request to an upstream failed; `down` when the upstream should be skipped a while. */
@@ -137,8 +145,8 @@ export class UpstreamSource implements PathSource {
   #byNarHash = new BoundedCache<string, string>(FOUND_LIMITS);
   #lookups = new Map<string, Promise<Found | null>>();
   #downUntil = new Map<string, number>();
-  /** Imports in flight, by hash part. */
-  #fetches = new Map<string, Promise<ImportResult>>();
+  /** Fetches in flight (until imported), by hash part. */
+  #fetches = new Map<string, FetchJob>();
   #closed = false;
   #spoolSwept = false;
 
@@ -193,18 +201,22 @@ export class UpstreamSource implements PathSource {
     const local = await this.#localNar(hashPart, path.narHash);
     if (local !== null) return local;
     const running = this.#fetches.get(hashPart);
-    if (running !== undefined) return this.#afterFetch(hashPart, path, running);
+    if (running !== undefined) return await this.#join(hashPart, path, running);
     const found = await this.#lookup(hashPart, false);
     if (found === null || !sameHash(found.path.narHash, path.narHash)) {
       throw new NotFoundError(`No upstream has ${path.storePath} with NarHash ${path.narHash}`);
     }
     const again = this.#fetches.get(hashPart);
-    if (again !== undefined) return this.#afterFetch(hashPart, path, again);
-    const started = this.#fetch(hashPart, found, fetchedMeta(found.path), {
-      client: true,
+    if (again !== undefined) return await this.#join(hashPart, path, again);
+    const job = this.#fetch(hashPart, found, fetchedMeta(found.path), {
+      spool: true,
       segment: segmentFor(this.#segments, narInfoOf(found.path)),
     });
-    return (await started.client)!;
+    const spool = await job.spool;
+    if (spool?.readable !== true) {
+      throw new NotFoundError(`The fetch of ${path.storePath} from upstream failed`);
+    }
+    return spool.reader();
   }
 
   /**
@@ -219,7 +231,7 @@ export class UpstreamSource implements PathSource {
     const found = await this.#lookup(hashPart, true);
     if (found === null || !sameHash(found.path.narHash, narInfo.narHash)) return null;
     const running = this.#fetches.get(hashPart);
-    if (running !== undefined) await running.catch(() => {});
+    if (running !== undefined) await running.done.catch(() => {});
     const meta: PathMetadata = {
       storePath: narInfo.storePath,
       references: [...narInfo.references],
@@ -229,16 +241,16 @@ export class UpstreamSource implements PathSource {
       narHash: narInfo.narHash,
       narSize: narInfo.narSize,
     };
-    const started = this.#fetch(hashPart, found, meta, { client: false, segment: record.segment });
-    await started.client;
-    await started.done;
+    const job = this.#fetch(hashPart, found, meta, { spool: false, segment: record.segment });
+    await job.spool;
+    await job.done;
     return found.upstream.url;
   }
 
   /** Resolves when no import is in flight (each settled, whatever its outcome). */
   async idle(): Promise<void> {
     while (this.#fetches.size > 0) {
-      await Promise.allSettled([...this.#fetches.values()]);
+      await Promise.allSettled([...this.#fetches.values()].map((job) => job.done));
     }
   }
 
@@ -262,22 +274,22 @@ export class UpstreamSource implements PathSource {
   }
 
   /**
-   * A stream that waits for the fetch in flight, then serves the path from the cache (or,
-   * if that fetch failed, fetches it itself).
+   * A request for a NAR already being fetched: it reads the same spool, following the
+   * download; or, when the fetch has no spool (a refetch) or it is gone already, waits for
+   * the import and is served from the cache (or fetches it again if that failed).
    */
-  #afterFetch(
+  async #join(
     hashPart: string,
     path: SourcePath,
-    running: Promise<ImportResult>,
-  ): ReadableStream<Uint8Array> {
-    // deno-lint-ignore no-this-alias
-    const self = this;
-    async function* pieces(): AsyncGenerator<Uint8Array> {
-      await running.catch(() => {});
-      const local = await self.#localNar(hashPart, path.narHash);
-      yield* local ?? await self.openNar(hashPart, path);
-    }
-    return ReadableStream.from(pieces());
+    job: FetchJob,
+  ): Promise<ReadableStream<Uint8Array>> {
+    const spool = await job.spool.catch(() => null);
+    if (spool?.readable) return spool.reader();
+    await job.done.catch(() => {});
+    const local = await this.#localNar(hashPart, path.narHash);
+    if (local !== null) return local;
+    if (this.#fetches.get(hashPart) === job) this.#fetches.delete(hashPart);
+    return await this.openNar(hashPart, path);
   }
 
   async #lookup(hashPart: string, fresh: boolean): Promise<Found | null> {
@@ -441,26 +453,24 @@ export class UpstreamSource implements PathSource {
   }
 
   /**
-   * Starts fetching and importing a path; registered at once, so a second request waits for
-   * it. `client` resolves to the client's stream (null without a client) once the upstream
-   * answered with the NAR, or rejects with NotFoundError; `done` settles with the import.
+   * Starts fetching a path and importing it; registered at once, so that another request
+   * for it joins this one. With `spool`, the NAR is read from the upstream at its own pace
+   * into a {@link Spool} that clients read as it grows, and imported from the spool once it
+   * is whole and its readers are done (or {@link IMPORT_WAIT_MS} later): the clients first.
+   * Without, it is imported as it streams. `spool` rejects with NotFoundError when the
+   * upstream does not deliver; `done` settles with the import.
    */
   #fetch(
     hashPart: string,
     found: Found,
     meta: PathMetadata,
-    options: { client: boolean; segment?: string },
-  ): { client: Promise<ReadableStream<Uint8Array> | null>; done: Promise<ImportResult> } {
+    options: { spool: boolean; segment?: string },
+  ): FetchJob {
     const { upstream, path } = found;
     const result = Promise.withResolvers<ImportResult>();
     result.promise.catch(() => {});
-    this.#fetches.set(hashPart, result.promise);
-    const forget = () => {
-      if (this.#fetches.get(hashPart) === result.promise) this.#fetches.delete(hashPart);
-    };
-    result.promise.then(forget, forget);
     const what = `NAR of ${path.storePath}`;
-    const client = (async () => {
+    const spool = (async (): Promise<Spool | null> => {
       if (this.#closed) throw new NotFoundError("Upstream source is closed");
       const controller = new AbortController();
       let response: Response;
@@ -502,15 +512,26 @@ export class UpstreamSource implements PathSource {
           auditDetail: `from ${upstream.url}`,
         });
       let importing: Promise<ImportResult>;
-      let client: ReadableStream<Uint8Array> | null = null;
-      if (options.client) {
-        // The client first: it gets the NAR as it comes, while the same bytes are spooled;
-        // the import (CPU-heavy: chunking, compression) runs from the spool afterwards.
-        const spool = await Spool.create(this.#spoolDir(), path.narSize);
-        const teed = spoolTee(nar, spool);
-        client = teed.client;
-        importing = teed.spooled.then(() => importNar(spool.readable()))
-          .finally(() => spool.discard());
+      let spool: Spool | null = null;
+      if (options.spool) {
+        let created: Spool;
+        try {
+          created = await Spool.create(this.#spoolDir(), path.narSize);
+        } catch (error) {
+          await nar.cancel(error).catch(() => {});
+          throw error;
+        }
+        spool = created;
+        importing = (async () => {
+          try {
+            await created.fill(nar);
+            // The clients first: the import (chunking, compression) waits for its readers.
+            await created.unread(IMPORT_WAIT_MS);
+            return await importNar(created.reader());
+          } finally {
+            await created.discard();
+          }
+        })();
       } else {
         importing = importNar(nar);
       }
@@ -518,10 +539,16 @@ export class UpstreamSource implements PathSource {
         this.#log(`Upstream ${upstream.url}: ${what} not imported: ${(error as Error).message}`);
         result.reject(error);
       });
-      return client;
+      return spool;
     })();
-    client.catch((error) => result.reject(error));
-    return { client, done: result.promise };
+    spool.catch((error) => result.reject(error));
+    const job: FetchJob = { spool, done: result.promise };
+    this.#fetches.set(hashPart, job);
+    const forget = () => {
+      if (this.#fetches.get(hashPart) === job) this.#fetches.delete(hashPart);
+    };
+    result.promise.then(forget, forget);
+    return job;
   }
 }
 
@@ -613,61 +640,22 @@ export function stallGuard(
   }, { highWaterMark: 0 });
 }
 
-/**
- * Hands the pieces of `source` to the client (a pipe of {@link PIPE_BYTES} a side, with its
- * backpressure) and appends them to `spool`. When the client cancels, the rest still goes
- * to the spool. `spooled` resolves once the whole source is in the spool, and rejects (the
- * client's stream erroring too) when the source or the spool fails.
- */
-export function spoolTee(
-  source: ReadableStream<Uint8Array>,
-  spool: Spool,
-): { client: ReadableStream<Uint8Array>; spooled: Promise<void> } {
-  const toClient = new TransformStream<Uint8Array, Uint8Array>(
-    undefined,
-    new ByteLengthQueuingStrategy({ highWaterMark: PIPE_BYTES }),
-    new ByteLengthQueuingStrategy({ highWaterMark: PIPE_BYTES }),
-  );
-  let writer: WritableStreamDefaultWriter<Uint8Array> | null = toClient.writable.getWriter();
-  const spooled = (async () => {
-    const reader = source.getReader();
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        await spool.append(value);
-        if (writer !== null) {
-          try {
-            await writer.ready;
-            writer.write(value).catch(() => {});
-          } catch {
-            writer = null; // the client went away: spool the rest for the import
-          }
-        }
-      }
-      await spool.finish();
-      await writer?.close().catch(() => {});
-    } catch (error) {
-      await reader.cancel(error).catch(() => {});
-      await writer?.abort(error).catch(() => {});
-      throw error;
-    }
-  })();
-  spooled.catch(() => {});
-  return { client: toClient.readable, spooled };
-}
-
 /** NARs up to this size are spooled in memory, larger ones in a file. */
 const MEMORY_SPOOL_BYTES = 8 * 1024 * 1024;
 /** Bytes of spool writes in flight before {@link Spool.append} waits. */
 const SPOOL_WRITE_BYTES = 8 * 1024 * 1024;
 /** Spool files older than this are left from a crash. */
 const STALE_SPOOL_MS = 24 * 3_600_000;
+/** The longest an import waits for the clients still reading its spool. */
+const IMPORT_WAIT_MS = 30_000;
 
 /**
- * A NAR kept until its import reads it: in memory when small, else in a file of the spool
- * directory (written by a queue of asynchronous writes with {@link SPOOL_WRITE_BYTES} in
- * flight at most). {@link Spool.discard} releases it.
+ * A NAR fetched from an upstream, kept while clients read it and until its import did:
+ * in memory when small, else in a file of the spool directory (written by a queue of
+ * asynchronous writes with {@link SPOOL_WRITE_BYTES} in flight at most). Any number of
+ * readers follow it as it grows ({@link Spool.reader}), each at its own pace; the writer
+ * never waits for them. A file spool's readers open it at once, so {@link Spool.discard}
+ * may remove it under them.
  */
 export class Spool {
   #pieces: Uint8Array[] | null;
@@ -675,7 +663,15 @@ export class Spool {
   #file: Deno.FsFile | null;
   #writing: Promise<void> = Promise.resolve();
   #inFlight = 0;
-  #failed: unknown = undefined;
+  /** Bytes readers may read (written, for a file spool). */
+  #length = 0;
+  #state: "filling" | "complete" | "failed" | "discarded" = "filling";
+  /** True once the whole NAR is in (it stays true when discarded). */
+  #complete = false;
+  #error: unknown = undefined;
+  #progress = Promise.withResolvers<void>();
+  #readers = 0;
+  #unread = Promise.withResolvers<void>();
 
   private constructor(path: string | null, file: Deno.FsFile | null) {
     this.#path = path;
@@ -692,69 +688,165 @@ export class Spool {
     return new Spool(path, file);
   }
 
-  /** Appends a piece (not copied: it must not change). */
+  /** True while new readers may join (not failed, not discarded). */
+  get readable(): boolean {
+    return this.#state === "filling" || this.#state === "complete";
+  }
+
+  /** Readers that have not finished or cancelled. */
+  get readers(): number {
+    return this.#readers;
+  }
+
+  /**
+   * Appends all of `source`, then marks the spool complete; on an error (the source's, or
+   * a failed write), fails the spool (its readers error) and rethrows.
+   */
+  async fill(source: ReadableStream<Uint8Array>): Promise<void> {
+    const reader = source.getReader();
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        await this.append(value);
+      }
+      await this.#writing;
+      if (this.#error !== undefined) throw this.#error;
+      this.#file?.close();
+      this.#file = null;
+      this.#state = "complete";
+      this.#complete = true;
+      this.#notify();
+    } catch (error) {
+      await reader.cancel(error).catch(() => {});
+      this.#fail(error);
+      throw error;
+    }
+  }
+
+  /** Appends a piece (not copied: it must not change); waits while too much is in flight. */
   async append(piece: Uint8Array): Promise<void> {
+    if (this.#error !== undefined) throw this.#error;
     if (this.#pieces !== null) {
       this.#pieces.push(piece);
+      this.#length += piece.length;
+      this.#notify();
       return;
     }
-    if (this.#failed !== undefined) throw this.#failed;
     const file = this.#file!;
     this.#inFlight += piece.length;
     this.#writing = this.#writing.then(async () => {
-      if (this.#failed !== undefined) return;
+      if (this.#error !== undefined) return;
       try {
         for (let at = 0; at < piece.length;) at += await file.write(piece.subarray(at));
+        this.#length += piece.length;
+        this.#notify();
       } catch (error) {
-        this.#failed = error;
+        this.#error = error;
       } finally {
         this.#inFlight -= piece.length;
       }
     });
     if (this.#inFlight > SPOOL_WRITE_BYTES) await this.#writing;
-    if (this.#failed !== undefined) throw this.#failed;
+    if (this.#error !== undefined) throw this.#error;
   }
 
-  /** Waits for the writes, then closes the file. */
-  async finish(): Promise<void> {
-    await this.#writing;
-    this.#file?.close();
-    this.#file = null;
-    if (this.#failed !== undefined) throw this.#failed;
+  /** Resolves when no reader is left (at once when there is none), or after `ms`. */
+  async unread(ms: number): Promise<void> {
+    if (this.#readers === 0) return;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      this.#unread.promise,
+      new Promise<void>((resolve) => timer = setTimeout(resolve, ms)),
+    ]);
+    clearTimeout(timer);
   }
 
-  /** The spooled bytes, in order (after {@link Spool.finish}). */
-  readable(): ReadableStream<Uint8Array> {
-    if (this.#pieces !== null) return ReadableStream.from(this.#pieces);
-    const path = this.#path!;
-    let file: Deno.FsFile | null = null;
+  /**
+   * The spooled NAR from its start, following the spool as it grows: it ends when the spool
+   * is complete and read, and errors if the spool fails. Throws when it is not
+   * {@link Spool.readable}.
+   */
+  reader(): ReadableStream<Uint8Array> {
+    if (!this.readable) throw new Error("The spool is gone");
+    // deno-lint-ignore no-this-alias
+    const spool = this;
+    const file = this.#path === null ? null : Deno.openSync(this.#path, { read: true });
+    let position = 0;
+    let index = 0;
+    let finished = false;
+    this.#readers++;
+    const finish = () => {
+      if (finished) return;
+      finished = true;
+      file?.close();
+      if (--spool.#readers === 0) {
+        spool.#unread.resolve();
+        spool.#unread = Promise.withResolvers<void>();
+      }
+    };
     return new ReadableStream<Uint8Array>({
       async pull(controller) {
-        file ??= await Deno.open(path, { read: true });
-        const buffer = new Uint8Array(PIPE_BYTES);
-        const n = await file.read(buffer);
-        if (n === null) {
-          file.close();
-          controller.close();
-        } else {
-          controller.enqueue(buffer.subarray(0, n));
+        for (;;) {
+          const available = spool.#length - position;
+          if (available > 0) {
+            let piece: Uint8Array;
+            if (file === null) {
+              piece = spool.#pieces![index++];
+            } else {
+              piece = new Uint8Array(Math.min(available, PIPE_BYTES));
+              let filled = 0;
+              while (filled < piece.length) {
+                const n = await file.read(piece.subarray(filled));
+                if (n === null) throw new Error("Spool file ended early");
+                filled += n;
+              }
+            }
+            position += piece.length;
+            controller.enqueue(piece);
+            return;
+          }
+          if (spool.#complete) {
+            finish();
+            controller.close();
+            return;
+          }
+          if (spool.#state !== "filling") {
+            finish();
+            throw spool.#error ?? new Error("The spool is gone");
+          }
+          await spool.#progress.promise;
         }
       },
       cancel() {
-        file?.close();
+        finish();
       },
     }, { highWaterMark: 0 });
   }
 
-  /** Releases the spooled bytes (removes the file). */
+  /** Releases the spooled bytes (removes the file; readers of a file spool keep reading). */
   async discard(): Promise<void> {
-    this.#pieces = null;
+    if (this.#state === "filling") this.#fail(new Error("The spool was discarded"));
+    else if (this.#state === "complete") this.#state = "discarded";
+    this.#notify();
     await this.#writing;
     try {
       this.#file?.close();
     } catch { /* closed */ }
     this.#file = null;
     if (this.#path !== null) await Deno.remove(this.#path).catch(() => {});
+  }
+
+  #fail(error: unknown): void {
+    if (this.#state !== "filling") return;
+    this.#error ??= error;
+    this.#state = "failed";
+    this.#notify();
+  }
+
+  #notify(): void {
+    this.#progress.resolve();
+    this.#progress = Promise.withResolvers<void>();
   }
 }
 

@@ -15,13 +15,13 @@ import { parsePublicKey } from "../../src/cache/signing.ts";
 import { verifyCache } from "../../src/cache/verify.ts";
 import { UNIVERSAL_SEGMENT } from "../../src/config.ts";
 import { createHandler, type Handler } from "../../src/net/server.ts";
+import { Spool, UpstreamSource, type UpstreamSourceOptions } from "../../src/net/upstream.ts";
 import {
-  Spool,
-  spoolTee,
-  UpstreamSource,
-  type UpstreamSourceOptions,
-} from "../../src/net/upstream.ts";
-import { fakeStorePath, hashPartOf, makeCacheFixture } from "../helpers/cache_fixture.ts";
+  fakeStorePath,
+  hashPartOf,
+  makeCacheFixture,
+  pseudoRandomBytes,
+} from "../helpers/cache_fixture.ts";
 import { addToStore, HAVE_NIX, narDump, runNix } from "../helpers/nix.ts";
 import { startStaticServer, type StaticServer } from "../helpers/static_server.ts";
 
@@ -38,10 +38,12 @@ interface World {
   wrongKeyPath: string;
   tamperedPath: string;
   badUrlPath: string;
+  /** Content-addressed, 12 MiB of pseudo-random bytes: spooled in a file, not in memory. */
+  bigPath: string;
   publicKey: string;
   /** xz, signed: dep and top. */
   good: string;
-  /** zstd, signed: dep and top. */
+  /** zstd, signed: dep, top and the big path. */
   goodZstd: string;
   /** Not signed. */
   unsigned: string;
@@ -128,6 +130,10 @@ async function makeWorld(): Promise<World> {
     "tampered\n".repeat(50_000),
   );
   const badUrlPath = await contentPath(dir, "arca-upstream-bad-url", "bad url\n");
+  const bigSource = `${dir}/src-big/arca-upstream-big`;
+  await Deno.mkdir(bigSource, { recursive: true });
+  await Deno.writeFile(`${bigSource}/random`, pseudoRandomBytes(12 << 20, 12));
+  const bigPath = await addToStore(bigSource);
   const w: World = {
     dir,
     dep,
@@ -136,6 +142,7 @@ async function makeWorld(): Promise<World> {
     wrongKeyPath,
     tamperedPath,
     badUrlPath,
+    bigPath,
     publicKey: key.pub,
     good: `${dir}/good`,
     goodZstd: `${dir}/good-zstd`,
@@ -145,7 +152,7 @@ async function makeWorld(): Promise<World> {
     badUrl: `${dir}/bad-url`,
   };
   await copyTo(w.good, [top], { key: key.file, compression: "xz" });
-  await copyTo(w.goodZstd, [top], { key: key.file, compression: "zstd" });
+  await copyTo(w.goodZstd, [top, bigPath], { key: key.file, compression: "zstd" });
   await copyTo(w.unsigned, [unsignedPath], { compression: "xz" });
   await copyTo(w.wrongKey, [wrongKeyPath], { key: other.file, compression: "xz" });
   await copyTo(w.tampered, [tamperedPath], { key: key.file, compression: "none" });
@@ -340,47 +347,55 @@ for (const [name, root] of [["xz", "good"], ["zstd", "goodZstd"]] as const) {
   });
 }
 
-test("a client that goes away does not stop the import", async () => {
+test("a client that goes away does not stop the import (memory and file spools)", async () => {
   const w = await getWorld();
-  const t = await setup([w.good]);
+  const t = await setup([w.goodZstd]);
   try {
-    const response = await get(t.handler, `${hashPartOf(w.dep)}.narinfo`);
-    const info = parseNarInfo(await response.text());
-    const nar = await get(t.handler, info.url);
-    const reader = nar.body!.getReader();
-    const first = await reader.read();
-    assert.ok(!first.done && first.value.length > 0);
-    await reader.cancel();
-    await within(20_000, "the import", t.source.idle());
-    const stored = await t.cache.narOfPath(hashPartOf(w.dep));
-    assert.ok(stored, "the path is local");
-    const whole = new Uint8Array(
-      await new Response(t.cache.openNar(stored.manifest)).arrayBuffer(),
-    );
-    assert.equal(formatNixHash(sha256(whole)), stored.record.narInfo.narHash);
+    for (const storePath of [w.dep, w.bigPath]) {
+      const response = await get(t.handler, `${hashPartOf(storePath)}.narinfo`);
+      const info = parseNarInfo(await response.text());
+      const nar = await get(t.handler, info.url);
+      const reader = nar.body!.getReader();
+      const first = await reader.read();
+      assert.ok(!first.done && first.value.length > 0);
+      await reader.cancel();
+      await within(20_000, "the import", t.source.idle());
+      const stored = await t.cache.narOfPath(hashPartOf(storePath));
+      assert.ok(stored, `${storePath} is local`);
+      const whole = new Uint8Array(
+        await new Response(t.cache.openNar(stored.manifest)).arrayBuffer(),
+      );
+      assert.equal(formatNixHash(sha256(whole)), stored.record.narInfo.narHash);
+    }
+    const spoolDir = `${t.cache.cacheDir}/upstream-spool`;
+    assert.deepEqual([...Deno.readDirSync(spoolDir)], [], "the spool file is removed");
   } finally {
     await t.close();
   }
 });
 
-test("two requests for one NAR fetch it once", async () => {
+test("requests for one NAR fetch it once, and none waits for another", async () => {
   const w = await getWorld();
-  const t = await setup([w.good]);
+  const t = await setup([w.goodZstd]);
   try {
-    const response = await get(t.handler, `${hashPartOf(w.dep)}.narinfo`);
-    const info = parseNarInfo(await response.text());
-    const [a, b, c] = await Promise.all([
-      get(t.handler, info.url),
-      get(t.handler, info.url),
-      get(t.handler, info.url),
-    ]);
-    const expected = await narDump(w.dep);
-    for (const nar of [a, b, c]) {
-      assert.equal(nar.status, 200);
-      assertSameNar(new Uint8Array(await nar.arrayBuffer()), expected, "NAR");
+    for (const storePath of [w.dep, w.bigPath]) {
+      const response = await get(t.handler, `${hashPartOf(storePath)}.narinfo`);
+      const info = parseNarInfo(await response.text());
+      const nars = await Promise.all([
+        get(t.handler, info.url),
+        get(t.handler, info.url),
+        get(t.handler, info.url),
+      ]);
+      const expected = await narDump(storePath);
+      // Read one after another, the last first: each reads the spool at its own pace.
+      for (const nar of nars.reverse()) {
+        assert.equal(nar.status, 200);
+        assertSameNar(new Uint8Array(await nar.arrayBuffer()), expected, storePath);
+      }
+      await t.source.idle();
+      assert.ok(await t.cache.getPath(hashPartOf(storePath)), `${storePath} is local`);
     }
-    await t.source.idle();
-    assert.equal(await t.servers[0].countMatching(/^\/nar\//), 1);
+    assert.equal(await t.servers[0].countMatching(/^\/nar\//), 2, "each NAR fetched once");
   } finally {
     await t.close();
   }
@@ -535,54 +550,76 @@ test("verify --repair refetches a path whose chunk was damaged", async () => {
   }
 });
 
-Deno.test("spoolTee: the client gets every piece and the spool keeps them all, also after the client left", async () => {
+Deno.test("Spool: readers follow it as it grows, each at its own pace; it ends whole, or errors with the source", async () => {
   const pieces = Array.from({ length: 100 }, (_, i) => new Uint8Array(100_000).fill(i));
   const whole = new Uint8Array(10_000_000);
   pieces.forEach((piece, i) => whole.set(piece, i * 100_000));
+  const read = async (stream: ReadableStream<Uint8Array>) =>
+    new Uint8Array(await new Response(stream).arrayBuffer());
   const dir = await Deno.makeTempDir({ prefix: "arca-spool-test-" });
   try {
     for (const size of [whole.length, 1000]) { // a file spool, and a memory one
       const spool = await Spool.create(dir, size);
-      const teed = spoolTee(ReadableStream.from(pieces), spool);
-      const client = new Uint8Array(await new Response(teed.client).arrayBuffer());
-      await teed.spooled;
-      assertSameNar(client, whole, "client's copy");
-      assertSameNar(
-        new Uint8Array(await new Response(spool.readable()).arrayBuffer()),
-        whole,
-        "spooled copy",
-      );
+      // A source that gives a piece each time it is let go: readers wait for it.
+      let release!: () => void;
+      const source = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          await new Promise<void>((resolve) => release = resolve);
+          const piece = pieces.shift();
+          if (piece) controller.enqueue(piece);
+          else controller.close();
+        },
+      });
+      const all = [...pieces];
+      const early = spool.reader();
+      const filling = spool.fill(source);
+      const earlyRead = read(early);
+      let lateRead: Promise<Uint8Array> | undefined;
+      for (let i = 0; i <= 100; i++) {
+        while (release === undefined) await new Promise((resolve) => setTimeout(resolve, 1));
+        const go = release;
+        release = undefined!;
+        go();
+        if (i === 50) {
+          // A reader that joins halfway still gets the NAR from its start.
+          const late = spool.reader();
+          lateRead = read(late);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 0));
+      }
+      await filling;
+      pieces.push(...all);
+      assertSameNar(await earlyRead, whole, "early reader");
+      assertSameNar(await lateRead!, whole, "late reader");
+      // A reader that leaves does not hold the others (nor the import's wait).
+      const leaving = spool.reader().getReader();
+      await leaving.read();
+      await leaving.cancel();
+      await spool.unread(20_000);
+      assert.equal(spool.readers, 0);
+      const last = spool.reader();
       await spool.discard();
-
-      const left = await Spool.create(dir, size);
-      const leaving = spoolTee(ReadableStream.from(pieces), left);
-      const reader = leaving.client.getReader();
-      await reader.read();
-      await reader.cancel();
-      await leaving.spooled;
-      assertSameNar(
-        new Uint8Array(await new Response(left.readable()).arrayBuffer()),
-        whole,
-        "spooled after the client left",
-      );
-      await left.discard();
+      assert.equal(spool.readable, false);
+      assertSameNar(await read(last), whole, "a reader opened before the discard");
+      assert.throws(() => spool.reader(), /gone/);
     }
     assert.deepEqual([...Deno.readDirSync(dir)], [], "spool files are removed");
 
-    // A source that fails errors the client and the spooling.
+    // A source that fails errors the readers and the fill.
     const failing = await Spool.create(dir, whole.length);
-    const broken = spoolTee(
+    const reader = failing.reader();
+    const filling = failing.fill(
       new ReadableStream({
         pull(controller) {
           controller.enqueue(new Uint8Array(1000));
           controller.error(new Error("upstream cut short"));
         },
       }),
-      failing,
     );
-    await assert.rejects(new Response(broken.client).arrayBuffer());
-    await assert.rejects(broken.spooled, /upstream cut short/);
+    await assert.rejects(filling, /upstream cut short/);
+    await assert.rejects(read(reader), /upstream cut short/);
     await failing.discard();
+    assert.deepEqual([...Deno.readDirSync(dir)], []);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
