@@ -127,7 +127,7 @@ export interface StoredNar {
 const IMPORT_WINDOW_BYTES = 12 * 1024 * 1024;
 
 /** Most bytes of one piece of {@link Cache.openStoredNar}'s stream (unless one chunk is larger). */
-const PIECE_BYTES = 256 * 1024;
+export const PIECE_BYTES = 256 * 1024;
 
 /** Chunks {@link Cache.missingChunks} checks between two turns of the event loop. */
 const STAT_BATCH = 1024;
@@ -655,6 +655,30 @@ export class Cache {
         controller.enqueue(piece);
       },
     }, { highWaterMark: 1 });
+  }
+
+  /**
+   * The whole NAR as served (its chunk files concatenated), read now, for NARs of at most
+   * {@link PIECE_BYTES} (one piece of {@link Cache.openStoredNar}'s stream, so no more
+   * memory): a plain body is cheaper to send than a stream. NotFoundError or IntegrityError
+   * when a chunk file is absent or of the wrong size; RangeError for a larger NAR.
+   */
+  readSmallStoredNar(manifest: Manifest): Uint8Array<ArrayBuffer> {
+    if (manifest.fileSize > PIECE_BYTES) {
+      throw new RangeError(`NAR file of ${manifest.fileSize} bytes is not small`);
+    }
+    const { paths, cPaths } = this.#chunkPathsOf(manifest);
+    const lib = loadLibc();
+    const body = new Uint8Array(manifest.fileSize);
+    let offset = 0;
+    manifest.chunks.forEach((entry, index) => {
+      const target = body.subarray(offset, offset + entry.storedSize);
+      if (lib === null || !readWholeFileSync(lib, cPaths[index], target)) {
+        readChunkFileSync(paths[index], entry, target);
+      }
+      offset += entry.storedSize;
+    });
+    return body;
   }
 
   /**

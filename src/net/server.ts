@@ -27,7 +27,7 @@
  * @module
  */
 
-import { addSignature, type Cache, type StoredNar } from "../cache/cache.ts";
+import { addSignature, type Cache, PIECE_BYTES, type StoredNar } from "../cache/cache.ts";
 import { narFileExtension } from "../cache/compression.ts";
 import {
   ArcaError,
@@ -384,7 +384,13 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     };
     if (range === null) {
       headers["content-length"] = String(size);
-      const body = request.method === "HEAD" ? null : cache.openStoredNar(manifest);
+      // A small NAR is read before the answer (a plain body is cheaper than a stream, and
+      // a chunk that vanished since the check is a 404, not a cut body).
+      const body = request.method === "HEAD"
+        ? null
+        : size <= PIECE_BYTES
+        ? cache.readSmallStoredNar(manifest)
+        : cache.openStoredNar(manifest);
       return new Response(body, { status: 200, headers });
     }
     headers["content-length"] = String(range.end - range.start);
