@@ -88,7 +88,7 @@ export const DEFAULT_NEGATIVE_TTL_MS = 60_000;
 const DEFAULT_DOWN_FOR_MS = 30_000;
 const DEFAULT_POSITIVE_TTL_MS = 3_600_000;
 
-/** Most bytes a reader of a file spool reads at a time. */
+/** Most bytes a reader of a file spool reads from the file at a time. */
 const PIPE_BYTES = 1024 * 1024;
 
 /** Limits of the memory of found paths (each weighs 1; a narinfo's fields, ~1 KiB). */
@@ -644,6 +644,8 @@ export function stallGuard(
 const MEMORY_SPOOL_BYTES = 8 * 1024 * 1024;
 /** Bytes of spool writes in flight before {@link Spool.append} waits. */
 const SPOOL_WRITE_BYTES = 8 * 1024 * 1024;
+/** The newest bytes of a file spool kept in memory too, for readers that keep up. */
+const RECENT_BYTES = 8 * 1024 * 1024;
 /** Spool files older than this are left from a crash. */
 const STALE_SPOOL_MS = 24 * 3_600_000;
 /** The longest an import waits for the clients still reading its spool. */
@@ -652,19 +654,24 @@ const IMPORT_WAIT_MS = 30_000;
 /**
  * A NAR fetched from an upstream, kept while clients read it and until its import did:
  * in memory when small, else in a file of the spool directory (written by a queue of
- * asynchronous writes with {@link SPOOL_WRITE_BYTES} in flight at most). Any number of
- * readers follow it as it grows ({@link Spool.reader}), each at its own pace; the writer
- * never waits for them. A file spool's readers open it at once, so {@link Spool.discard}
- * may remove it under them.
+ * asynchronous writes with {@link SPOOL_WRITE_BYTES} in flight at most), whose newest
+ * {@link RECENT_BYTES} stay in memory too. Any number of readers follow it as it grows
+ * ({@link Spool.reader}), each at its own pace, from memory while they keep up and from the
+ * file when they lag; the writer never waits for them. A file spool's readers open it at
+ * once, so {@link Spool.discard} may remove it under them.
  */
 export class Spool {
-  #pieces: Uint8Array[] | null;
   #path: string | null;
   #file: Deno.FsFile | null;
   #writing: Promise<void> = Promise.resolve();
   #inFlight = 0;
-  /** Bytes readers may read (written, for a file spool). */
-  #length = 0;
+  /** Pieces in memory with their offsets: all of them, or (file spool) the newest. */
+  #recent: { start: number; piece: Uint8Array }[] = [];
+  #recentBytes = 0;
+  /** Bytes appended so far. */
+  #appended = 0;
+  /** Bytes of a file spool written to its file so far. */
+  #written = 0;
   #state: "filling" | "complete" | "failed" | "discarded" = "filling";
   /** True once the whole NAR is in (it stays true when discarded). */
   #complete = false;
@@ -676,7 +683,6 @@ export class Spool {
   private constructor(path: string | null, file: Deno.FsFile | null) {
     this.#path = path;
     this.#file = file;
-    this.#pieces = file === null ? [] : null;
   }
 
   /** A spool for a NAR of `size` bytes; a file in `dir` unless it is small. */
@@ -727,20 +733,20 @@ export class Spool {
   /** Appends a piece (not copied: it must not change); waits while too much is in flight. */
   async append(piece: Uint8Array): Promise<void> {
     if (this.#error !== undefined) throw this.#error;
-    if (this.#pieces !== null) {
-      this.#pieces.push(piece);
-      this.#length += piece.length;
-      this.#notify();
-      return;
-    }
-    const file = this.#file!;
+    if (piece.length === 0) return;
+    this.#recent.push({ start: this.#appended, piece });
+    this.#recentBytes += piece.length;
+    this.#appended += piece.length;
+    this.#notify();
+    const file = this.#file;
+    if (file === null) return;
     this.#inFlight += piece.length;
     this.#writing = this.#writing.then(async () => {
       if (this.#error !== undefined) return;
       try {
         for (let at = 0; at < piece.length;) at += await file.write(piece.subarray(at));
-        this.#length += piece.length;
-        this.#notify();
+        this.#written += piece.length;
+        this.#trim();
       } catch (error) {
         this.#error = error;
       } finally {
@@ -749,6 +755,19 @@ export class Spool {
     });
     if (this.#inFlight > SPOOL_WRITE_BYTES) await this.#writing;
     if (this.#error !== undefined) throw this.#error;
+  }
+
+  /** Drops the oldest pieces in memory that are in the file, beyond {@link RECENT_BYTES}. */
+  #trim(): void {
+    let drop = 0;
+    while (
+      drop < this.#recent.length && this.#recentBytes > RECENT_BYTES &&
+      this.#recent[drop].start + this.#recent[drop].piece.length <= this.#written
+    ) {
+      this.#recentBytes -= this.#recent[drop].piece.length;
+      drop++;
+    }
+    if (drop > 0) this.#recent.splice(0, drop);
   }
 
   /** Resolves when no reader is left (at once when there is none), or after `ms`. */
@@ -764,8 +783,8 @@ export class Spool {
 
   /**
    * The spooled NAR from its start, following the spool as it grows: it ends when the spool
-   * is complete and read, and errors if the spool fails. Throws when it is not
-   * {@link Spool.readable}.
+   * is complete and read, and errors if the spool fails. Its pieces are views of the
+   * spool's: they must not change. Throws when the spool is not {@link Spool.readable}.
    */
   reader(): ReadableStream<Uint8Array> {
     if (!this.readable) throw new Error("The spool is gone");
@@ -773,7 +792,7 @@ export class Spool {
     const spool = this;
     const file = this.#path === null ? null : Deno.openSync(this.#path, { read: true });
     let position = 0;
-    let index = 0;
+    let filePosition = 0;
     let finished = false;
     this.#readers++;
     const finish = () => {
@@ -788,22 +807,11 @@ export class Spool {
     return new ReadableStream<Uint8Array>({
       async pull(controller) {
         for (;;) {
-          const available = spool.#length - position;
-          if (available > 0) {
-            let piece: Uint8Array;
-            if (file === null) {
-              piece = spool.#pieces![index++];
-            } else {
-              piece = new Uint8Array(Math.min(available, PIPE_BYTES));
-              let filled = 0;
-              while (filled < piece.length) {
-                const n = await file.read(piece.subarray(filled));
-                if (n === null) throw new Error("Spool file ended early");
-                filled += n;
-              }
-            }
-            position += piece.length;
-            controller.enqueue(piece);
+          if (position < spool.#appended) {
+            const piece = await spool.#read(position, file, filePosition);
+            if (piece.fromFile) filePosition = position + piece.bytes.length;
+            position += piece.bytes.length;
+            controller.enqueue(piece.bytes);
             return;
           }
           if (spool.#complete) {
@@ -822,6 +830,39 @@ export class Spool {
         finish();
       },
     }, { highWaterMark: 0 });
+  }
+
+  /** Bytes from `position` (< appended): from memory if still there, else from `file`. */
+  async #read(
+    position: number,
+    file: Deno.FsFile | null,
+    filePosition: number,
+  ): Promise<{ bytes: Uint8Array; fromFile: boolean }> {
+    const recent = this.#recent;
+    const first = recent[0];
+    if (first !== undefined && position >= first.start) {
+      // Binary search for the piece holding `position`.
+      let low = 0;
+      let high = recent.length - 1;
+      while (low < high) {
+        const mid = (low + high + 1) >> 1;
+        if (recent[mid].start <= position) low = mid;
+        else high = mid - 1;
+      }
+      const { start, piece } = recent[low];
+      return { bytes: piece.subarray(position - start), fromFile: false };
+    }
+    // Older than what memory holds: in the file (trimmed pieces were written first).
+    const end = first?.start ?? this.#written;
+    const bytes = new Uint8Array(Math.min(end - position, PIPE_BYTES));
+    if (filePosition !== position) await file!.seek(position, Deno.SeekMode.Start);
+    let filled = 0;
+    while (filled < bytes.length) {
+      const n = await file!.read(bytes.subarray(filled));
+      if (n === null) throw new Error("Spool file ended early");
+      filled += n;
+    }
+    return { bytes, fromFile: true };
   }
 
   /** Releases the spooled bytes (removes the file; readers of a file spool keep reading). */
