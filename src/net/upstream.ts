@@ -14,9 +14,9 @@
  *
  * {@link UpstreamSource.openNar} fetches the NAR file and decompresses it as a stream into a
  * {@link Spool} (in memory up to 8 MiB, else a file under `<cache-dir>/upstream-spool/`,
- * written asynchronously), at the upstream's pace. The client reads the spool as it grows, at
- * its own pace; so does any other request for the same NAR meanwhile: one path is fetched
- * once, and no client waits for another. The clients come first: once the NAR is whole and
+ * written asynchronously), keeping pace with its fastest reader (at most 4 MiB ahead). The
+ * client reads the spool as it grows; so does any other request for the same NAR meanwhile,
+ * each at its own pace: one path is fetched once, and no client waits for another. The clients come first: once the NAR is whole and
  * its readers are done (or 30 s later), {@link Cache.importNar} reads it from the spool (with
  * the upstream's references, deriver, CA and signatures, its NarHash and NarSize as claims,
  * the segment the configured filters choose, audited as `Fetch` naming the upstream), and
@@ -646,6 +646,14 @@ const MEMORY_SPOOL_BYTES = 8 * 1024 * 1024;
 const SPOOL_WRITE_BYTES = 8 * 1024 * 1024;
 /** The newest bytes of a file spool kept in memory too, for readers that keep up. */
 const RECENT_BYTES = 8 * 1024 * 1024;
+/**
+ * How far the spool may run ahead of its fastest reader (while it has one): the download
+ * keeps pace with the client instead of taking the CPU from it, and it never waits for a
+ * reader that lags behind another.
+ */
+const AHEAD_BYTES = 4 * 1024 * 1024;
+/** A spool stops waiting for its readers once the fastest one has not moved for this long. */
+const PACE_PATIENCE_MS = 5_000;
 /** Spool files older than this are left from a crash. */
 const STALE_SPOOL_MS = 24 * 3_600_000;
 /** The longest an import waits for the clients still reading its spool. */
@@ -657,8 +665,11 @@ const IMPORT_WAIT_MS = 30_000;
  * asynchronous writes with {@link SPOOL_WRITE_BYTES} in flight at most), whose newest
  * {@link RECENT_BYTES} stay in memory too. Any number of readers follow it as it grows
  * ({@link Spool.reader}), each at its own pace, from memory while they keep up and from the
- * file when they lag; the writer never waits for them. A file spool's readers open it at
- * once, so {@link Spool.discard} may remove it under them.
+ * file when they lag. The writer keeps at most {@link AHEAD_BYTES} ahead of the fastest
+ * reader, so that a download keeps pace with its client rather than taking the CPU from it;
+ * it never waits for a reader that lags behind another, nor for readers that stopped
+ * reading ({@link PACE_PATIENCE_MS}). A file spool's readers open it at once, so
+ * {@link Spool.discard} may remove it under them.
  */
 export class Spool {
   #path: string | null;
@@ -678,6 +689,10 @@ export class Spool {
   #error: unknown = undefined;
   #progress = Promise.withResolvers<void>();
   #readers = 0;
+  /** Where each active reader is. */
+  #positions = new Set<{ position: number }>();
+  #consumed = Promise.withResolvers<void>();
+  #unpaced = false;
   #unread = Promise.withResolvers<void>();
 
   private constructor(path: string | null, file: Deno.FsFile | null) {
@@ -755,6 +770,23 @@ export class Spool {
     });
     if (this.#inFlight > SPOOL_WRITE_BYTES) await this.#writing;
     if (this.#error !== undefined) throw this.#error;
+    while (!this.#unpaced && this.#appended - this.#fastestReader() > AHEAD_BYTES) {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const moved = await Promise.race([
+        this.#consumed.promise.then(() => true),
+        new Promise<false>((resolve) => timer = setTimeout(() => resolve(false), PACE_PATIENCE_MS)),
+      ]);
+      clearTimeout(timer);
+      // Readers that stopped reading (a stuck client) do not hold the download.
+      if (!moved) this.#unpaced = true;
+    }
+  }
+
+  /** The position of the reader furthest ahead (Infinity without readers). */
+  #fastestReader(): number {
+    let fastest = -1;
+    for (const { position } of this.#positions) fastest = Math.max(fastest, position);
+    return fastest === -1 ? Infinity : fastest;
   }
 
   /** Drops the oldest pieces in memory that are in the file, beyond {@link RECENT_BYTES}. */
@@ -794,11 +826,15 @@ export class Spool {
     let position = 0;
     let filePosition = 0;
     let finished = false;
+    const where = { position: 0 };
     this.#readers++;
+    this.#positions.add(where);
     const finish = () => {
       if (finished) return;
       finished = true;
       file?.close();
+      spool.#positions.delete(where);
+      spool.#wake();
       if (--spool.#readers === 0) {
         spool.#unread.resolve();
         spool.#unread = Promise.withResolvers<void>();
@@ -811,6 +847,8 @@ export class Spool {
             const piece = await spool.#read(position, file, filePosition);
             if (piece.fromFile) filePosition = position + piece.bytes.length;
             position += piece.bytes.length;
+            where.position = position;
+            spool.#wake();
             controller.enqueue(piece.bytes);
             return;
           }
@@ -888,6 +926,12 @@ export class Spool {
   #notify(): void {
     this.#progress.resolve();
     this.#progress = Promise.withResolvers<void>();
+  }
+
+  /** Tells the writer a reader moved (or left). */
+  #wake(): void {
+    this.#consumed.resolve();
+    this.#consumed = Promise.withResolvers<void>();
   }
 }
 
