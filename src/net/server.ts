@@ -357,6 +357,19 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     return found;
   }
 
+  /** {@link Cache.readSmallStoredNar}, with a damaged NAR answered as {@link storedNarOrThrow} does. */
+  function readSmallOrThrow(found: StoredNar): Uint8Array<ArrayBuffer> {
+    try {
+      return cache.readSmallStoredNar(found.manifest);
+    } catch (error) {
+      if (!(error instanceof NotFoundError || error instanceof IntegrityError)) throw error;
+      options.log?.(
+        `NAR of ${found.record.narInfo.storePath} has a missing or damaged chunk: not served (${error.message})`,
+      );
+      throw new HttpError(404, "NAR is incomplete in this cache");
+    }
+  }
+
   async function nar(fileName: string, request: Request): Promise<Response> {
     const match = /^([^/.]+)\.(nar(?:\.[a-z0-9]+)?)$/.exec(fileName);
     if (!match) throw new HttpError(404, "Not found");
@@ -373,24 +386,31 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     if (found && narFileExtension(found.manifest.compression) !== match[2]) {
       throw new HttpError(404, "No such NAR in that compression");
     }
-    const { manifest, record } = await storedNarOrThrow(found);
-    if (request.method === "GET") recorder.record(record);
-    const size = manifest.fileSize;
-    const range = parseRange(request.headers.get("range"), size);
     const headers: Record<string, string> = {
       "content-type": "application/x-nix-nar",
       "accept-ranges": "bytes",
       "cache-control": "public, max-age=31536000, immutable",
     };
+    const range = found === null
+      ? null
+      : parseRange(request.headers.get("range"), found.manifest.fileSize);
+    if (
+      found !== null && request.method === "GET" && range === null &&
+      found.manifest.fileSize <= PIECE_BYTES
+    ) {
+      // A small NAR is read whole before the answer, which checks every chunk file's
+      // presence and size as a whole: a plain body is cheaper than a stream.
+      const body = readSmallOrThrow(found);
+      recorder.record(found.record);
+      headers["content-length"] = String(body.length);
+      return new Response(body, { status: 200, headers });
+    }
+    const { manifest, record } = await storedNarOrThrow(found);
+    if (request.method === "GET") recorder.record(record);
+    const size = manifest.fileSize;
     if (range === null) {
       headers["content-length"] = String(size);
-      // A small NAR is read before the answer (a plain body is cheaper than a stream, and
-      // a chunk that vanished since the check is a 404, not a cut body).
-      const body = request.method === "HEAD"
-        ? null
-        : size <= PIECE_BYTES
-        ? cache.readSmallStoredNar(manifest)
-        : cache.openStoredNar(manifest);
+      const body = request.method === "HEAD" ? null : cache.openStoredNar(manifest);
       return new Response(body, { status: 200, headers });
     }
     headers["content-length"] = String(range.end - range.start);
