@@ -107,12 +107,21 @@ async function copyFrom(
 }
 
 /** Waits until arca serves the path's narinfo from its own cache (compressed chunks). */
-async function untilLocal(arca: BenchServer, storePath: string): Promise<void> {
+async function untilLocal(
+  arca: BenchServer,
+  storePath: string,
+  upstreamDir: string,
+): Promise<void> {
+  // While arca only passes the upstream's file through, its narinfo names that file.
+  const upstreamUrl = /^URL: (.*)$/m.exec(
+    await Deno.readTextFile(`${upstreamDir}/${hashPartOf(storePath)}.narinfo`),
+  )![1];
   const deadline = Date.now() + 600_000;
   for (;;) {
     const response = await fetch(`${arca.base}/${hashPartOf(storePath)}.narinfo`);
     const text = await response.text();
-    if (response.ok && /^Compression: (zstd|xz)$/m.test(text)) return;
+    const url = /^URL: (.*)$/m.exec(text)?.[1];
+    if (response.ok && /^Compression: (zstd|xz)$/m.test(text) && url !== upstreamUrl) return;
     if (Date.now() > deadline) throw new Error(`arca never held ${storePath}: ${text}`);
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
@@ -173,7 +182,7 @@ async function main(): Promise<void> {
         }
         const coldStart = performance.now();
         const cold = await copyFrom(arca.base, mixed.storePath, publicKey, scratch, "cold");
-        await untilLocal(arca, mixed.storePath);
+        await untilLocal(arca, mixed.storePath, upstreamDir);
         const coldLocalSeconds = (performance.now() - coldStart) / 1000;
         const warm = await copyFrom(arca.base, mixed.storePath, publicKey, scratch, "warm");
         if (round % 2 === 1) {

@@ -20,6 +20,11 @@ export interface NarClaims {
   narSize: number;
   /** Names the NAR in errors (e.g. its store path). */
   name?: string;
+  /**
+   * The stream is a NAR file (compressed) and the claims are its FileHash and FileSize:
+   * errors say so.
+   */
+  file?: boolean;
 }
 
 /**
@@ -30,6 +35,7 @@ export interface NarClaims {
 export function verifyNarStream(claims: NarClaims): TransformStream<Uint8Array, Uint8Array> {
   const expected = formatBase16(parseNixHash(claims.narHash));
   const name = claims.name ?? "NAR";
+  const [hashName, sizeName] = claims.file ? ["FileHash", "FileSize"] : ["NarHash", "NarSize"];
   const hasher = new Sha256Stream();
   let held: Uint8Array | null = null;
   return new TransformStream<Uint8Array, Uint8Array>({
@@ -38,7 +44,7 @@ export function verifyNarStream(claims: NarClaims): TransformStream<Uint8Array, 
       hasher.update(piece);
       if (hasher.byteLength > claims.narSize) {
         throw new IntegrityError(
-          `${name} is longer than its NarSize ${claims.narSize}: refused`,
+          `${name} is longer than its ${sizeName} ${claims.narSize}: refused`,
         );
       }
       if (held !== null) controller.enqueue(held);
@@ -48,13 +54,15 @@ export function verifyNarStream(claims: NarClaims): TransformStream<Uint8Array, 
       const size = hasher.byteLength;
       if (size !== claims.narSize) {
         throw new IntegrityError(
-          `${name} has ${size} bytes, its NarSize is ${claims.narSize}: refused`,
+          `${name} has ${size} bytes, its ${sizeName} is ${claims.narSize}: refused`,
         );
       }
       const actual = hasher.digest();
       if (formatBase16(actual) !== expected) {
         throw new IntegrityError(
-          `${name} hashes to ${formatNixHash(actual)}, its NarHash is ${claims.narHash}: refused`,
+          `${name} hashes to ${
+            formatNixHash(actual)
+          }, its ${hashName} is ${claims.narHash}: refused`,
         );
       }
       if (held !== null) controller.enqueue(held);

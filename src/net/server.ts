@@ -65,6 +65,12 @@ export interface SourcePath {
   deriver?: string;
   ca?: string;
   sigs: string[];
+  /**
+   * The origin's zstd NAR file, when the source can pass it through unchanged
+   * ({@link PathSource.openFile}): the narinfo then names it (`Compression: zstd`, its
+   * FileHash and FileSize) and the server checks it against them as it streams.
+   */
+  file?: { fileHash: string; fileSize: number };
 }
 
 /**
@@ -93,6 +99,12 @@ export interface PathSource {
    * after all.
    */
   openNar(hashPart: string, path: SourcePath): Promise<ReadableStream<Uint8Array>>;
+  /**
+   * The origin's NAR file of a path whose {@link SourcePath.file} is set, as it arrives
+   * (the server checks its FileHash and FileSize); NotFoundError when it cannot be had
+   * (the path may have become local meanwhile).
+   */
+  openFile?(hashPart: string, path: SourcePath): Promise<ReadableStream<Uint8Array>>;
 }
 
 /** Options of {@link createHandler}. */
@@ -266,9 +278,12 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
         continue;
       }
       if (path === null) continue;
-      const narInfo = sourceNarInfo(path);
+      const narInfo = sourceNarInfo(path, source.openFile !== undefined);
       if (options.signingKey !== undefined) addSignature(narInfo, options.signingKey);
       fromSources.set(narHashPart(narInfo.narHash), { hashPart, path, source });
+      if (narInfo.compression === "zstd") {
+        fromSources.set(narHashPart(narInfo.fileHash!), { hashPart, path, source });
+      }
       const body = new TextEncoder().encode(formatNarInfo(narInfo));
       return new Response(head ? null : body, {
         headers: { "content-type": "text/x-nix-narinfo", "content-length": String(body.length) },
@@ -309,6 +324,63 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     };
     const body = request.method === "HEAD" ? null : await open();
     return narResponse(request, path.narSize, () => body!, source.kind);
+  }
+
+  /**
+   * A `.nar.zst` URL that is no FileHash here: the origin's file of a path served from a
+   * source ({@link SourcePath.file}), passed through and checked against its FileHash and
+   * FileSize; once the path is local, its NAR as stored here (Nix decompresses any zstd
+   * frames; it does not check FileHash). Null when no source path has this file.
+   */
+  async function narFromSourceFile(nix32: string, request: Request): Promise<Response | null> {
+    const entry = fromSources.get(nix32);
+    if (entry === undefined || entry.path.file === undefined) return null;
+    const { hashPart, path, source } = entry;
+    const { fileHash, fileSize } = entry.path.file;
+    const local = async () => {
+      const stored = await cache.narOfPath(hashPart);
+      if (
+        stored === null || narHashPart(stored.record.narInfo.narHash) !== narHashPart(path.narHash)
+      ) {
+        return null;
+      }
+      const { manifest, record } = await storedNarOrThrow(stored);
+      if (request.method === "GET") recorder.record(record);
+      const response = new Response(
+        request.method === "HEAD" ? null : cache.openStoredNar(manifest),
+        {
+          headers: {
+            "content-type": "application/x-nix-nar",
+            "content-length": String(manifest.fileSize),
+          },
+        },
+      );
+      hitSources.set(response, "local");
+      return response;
+    };
+    const here = await local();
+    if (here !== null) return here;
+    if (source.openFile === undefined) return null;
+    if (request.method === "HEAD") {
+      return narResponse(request, fileSize, () => ReadableStream.from([]), source.kind);
+    }
+    let file: ReadableStream<Uint8Array>;
+    try {
+      file = await source.openFile(hashPart, path);
+    } catch (error) {
+      if (!(error instanceof NotFoundError)) throw error;
+      // Imported meanwhile, or gone: the local copy, or the NAR uncompressed.
+      return await local();
+    }
+    const body = file.pipeThrough(
+      verifyNarStream({
+        narHash: fileHash,
+        narSize: fileSize,
+        name: `NAR file of ${path.storePath}`,
+        file: true,
+      }),
+    );
+    return narResponse(request, fileSize, () => body, source.kind);
   }
 
   function narResponse(
@@ -383,6 +455,10 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     }
     const found = await cache.findNar(`sha256:${match[1]}`);
     if (found === null && match[2] === "nar") return await narByNarHash(match[1], request);
+    if (found === null && match[2] === "nar.zst") {
+      const passed = await narFromSourceFile(match[1], request);
+      if (passed !== null) return passed;
+    }
     if (found && narFileExtension(found.manifest.compression) !== match[2]) {
       throw new HttpError(404, "No such NAR in that compression");
     }
@@ -581,9 +657,29 @@ interface SourceEntry {
 /** Limits of the handler's memory of paths served from sources. */
 const SOURCE_ENTRY_LIMITS = { maxEntries: 65536, maxWeight: 65536 };
 
-/** The narinfo served for a path from a source: uncompressed, at `nar/<nix32 NarHash>.nar`. */
-export function sourceNarInfo(path: SourcePath): NarInfo {
+/**
+ * The narinfo served for a path from a source: uncompressed, at `nar/<nix32 NarHash>.nar`;
+ * or, when the source passes its file through (`passFile` and {@link SourcePath.file}), that
+ * zstd file at `nar/<nix32 FileHash>.nar.zst`.
+ */
+export function sourceNarInfo(path: SourcePath, passFile = false): NarInfo {
   const narHash = formatNixHash(parseNixHash(path.narHash));
+  if (passFile && path.file !== undefined) {
+    const fileHash = formatNixHash(parseNixHash(path.file.fileHash));
+    return {
+      storePath: path.storePath,
+      url: `nar/${narHashPart(fileHash)}.nar.zst`,
+      compression: "zstd",
+      fileHash,
+      fileSize: path.file.fileSize,
+      narHash,
+      narSize: path.narSize,
+      references: [...path.references],
+      deriver: path.deriver,
+      sigs: [...path.sigs],
+      ca: path.ca,
+    };
+  }
   return {
     storePath: path.storePath,
     url: `nar/${narHashPart(narHash)}.nar`,

@@ -113,6 +113,8 @@ interface Found {
 interface FetchJob {
   /** The spool its NAR goes to, once the upstream answered (null: fetched without one). */
   spool: Promise<Spool | null>;
+  /** The spool holds the upstream's (zstd) file, not the NAR. */
+  raw: boolean;
   /** Settles with the import. */
   done: Promise<ImportResult>;
 }
@@ -220,6 +222,47 @@ export class UpstreamSource implements PathSource {
   }
 
   /**
+   * The upstream's zstd file of a path whose lookup found one (`path.file`), streamed as it
+   * arrives (the server checks its FileHash and FileSize), while it is spooled and then
+   * decompressed into the cache like {@link UpstreamSource.openNar}'s. The path is served
+   * without arca decompressing, hashing and re-sending 2–3× the bytes. NotFoundError when
+   * the path is local already or cannot be had from upstream (the server then serves the
+   * local copy, or a 404).
+   */
+  async openFile(hashPart: string, path: SourcePath): Promise<ReadableStream<Uint8Array>> {
+    const join = async (running: FetchJob) => {
+      const spool = await running.spool.catch(() => null);
+      if (running.raw && spool?.readable) return spool.reader();
+      await running.done.catch(() => {});
+      throw new NotFoundError(`${path.storePath} was being fetched another way`);
+    };
+    const running = this.#fetches.get(hashPart);
+    if (running !== undefined) return await join(running);
+    if ((await this.#cache.getPath(hashPart)) !== null) {
+      throw new NotFoundError(`${path.storePath} is local already`);
+    }
+    const found = await this.#lookup(hashPart, false);
+    const again = this.#fetches.get(hashPart);
+    if (again !== undefined) return await join(again);
+    if (
+      found === null || !sameHash(found.path.narHash, path.narHash) ||
+      found.compression !== "zstd" || found.path.file === undefined
+    ) {
+      throw new NotFoundError(`No upstream has the zstd file of ${path.storePath}`);
+    }
+    const job = this.#fetch(hashPart, found, fetchedMeta(found.path), {
+      spool: true,
+      raw: true,
+      segment: segmentFor(this.#segments, narInfoOf(found.path)),
+    });
+    const spool = await job.spool;
+    if (spool?.readable !== true) {
+      throw new NotFoundError(`The fetch of ${path.storePath} from upstream failed`);
+    }
+    return spool.reader();
+  }
+
+  /**
    * Fetches a cached path's NAR again from the upstreams and imports it under the record's
    * own metadata (references, signatures, segment): `verify --repair`'s refetch. Resolves to
    * the upstream's URL, or null when no upstream has a NAR with the record's NarHash;
@@ -284,7 +327,7 @@ export class UpstreamSource implements PathSource {
     job: FetchJob,
   ): Promise<ReadableStream<Uint8Array>> {
     const spool = await job.spool.catch(() => null);
-    if (spool?.readable) return spool.reader();
+    if (spool?.readable && !job.raw) return spool.reader();
     await job.done.catch(() => {});
     const local = await this.#localNar(hashPart, path.narHash);
     if (local !== null) return local;
@@ -387,6 +430,10 @@ export class UpstreamSource implements PathSource {
         deriver: info.deriver,
         ca: info.ca,
         sigs: info.sigs,
+        // A zstd file can be passed through to Nix as it is (see openFile).
+        ...(compression === "zstd" && info.fileHash !== undefined && info.fileSize !== undefined
+          ? { file: { fileHash: info.fileHash, fileSize: info.fileSize } }
+          : {}),
       },
       upstream,
       narUrl: `${upstream.url}/${info.url}`,
@@ -464,8 +511,9 @@ export class UpstreamSource implements PathSource {
     hashPart: string,
     found: Found,
     meta: PathMetadata,
-    options: { spool: boolean; segment?: string },
+    options: { spool: boolean; raw?: boolean; segment?: string },
   ): FetchJob {
+    const raw = options.raw === true && found.path.file !== undefined;
     const { upstream, path } = found;
     const result = Promise.withResolvers<ImportResult>();
     result.promise.catch(() => {});
@@ -492,7 +540,7 @@ export class UpstreamSource implements PathSource {
         this.#log(message);
         throw new NotFoundError(message);
       }
-      const nar = stallGuard(response.body, {
+      const body = stallGuard(response.body, {
         timeoutMs: this.#timeoutMs,
         onStall: () => {
           const error = new UpstreamFailure(
@@ -502,7 +550,11 @@ export class UpstreamSource implements PathSource {
           controller.abort(error);
           return error;
         },
-      }).pipeThrough(decompressStream(found.compression, { maxOutputBytes: path.narSize }));
+      });
+      const decompress = (stream: ReadableStream<Uint8Array>) =>
+        stream.pipeThrough(decompressStream(found.compression, { maxOutputBytes: path.narSize }));
+      // Raw: the spool keeps the upstream's file (what the clients get); else the NAR.
+      const nar = raw ? body : decompress(body);
       const importNar = (stream: ReadableStream<Uint8Array>) =>
         this.#cache.importNar(stream, meta, {
           compression: this.#compression,
@@ -516,7 +568,10 @@ export class UpstreamSource implements PathSource {
       if (options.spool) {
         let created: Spool;
         try {
-          created = await Spool.create(this.#spoolDir(), path.narSize);
+          created = await Spool.create(
+            this.#spoolDir(),
+            raw ? path.file!.fileSize : path.narSize,
+          );
         } catch (error) {
           await nar.cancel(error).catch(() => {});
           throw error;
@@ -527,7 +582,7 @@ export class UpstreamSource implements PathSource {
             await created.fill(nar);
             // The clients first: the import (chunking, compression) waits for its readers.
             await created.unread(IMPORT_WAIT_MS);
-            return await importNar(created.reader());
+            return await importNar(raw ? decompress(created.reader()) : created.reader());
           } finally {
             await created.discard();
           }
@@ -542,7 +597,7 @@ export class UpstreamSource implements PathSource {
       return spool;
     })();
     spool.catch((error) => result.reject(error));
-    const job: FetchJob = { spool, done: result.promise };
+    const job: FetchJob = { spool, raw, done: result.promise };
     this.#fetches.set(hashPart, job);
     const forget = () => {
       if (this.#fetches.get(hashPart) === job) this.#fetches.delete(hashPart);

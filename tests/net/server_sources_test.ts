@@ -3,7 +3,9 @@
  * cache lacks are served uncompressed at `nar/<NarHash>.nar` with the origin's signatures,
  * their NARs stream through the NarHash check (a wrong NAR never ends as a complete body),
  * the same URL serves the path decompressed once it is local, and a failing source is
- * skipped. The sources here are small in-memory ones; the real ones have their own tests.
+ * skipped; a source's zstd file is passed through, checked against its FileHash, and its URL
+ * serves the local copy once the path is local. The sources here are small in-memory ones;
+ * the real ones have their own tests.
  * @module
  */
 
@@ -20,6 +22,8 @@ import {
 } from "../../src/cache/signing.ts";
 import { createHandler, type PathSource, type SourcePath } from "../../src/net/server.ts";
 import { verifyNarStream } from "../../src/cache/verified_nar.ts";
+import { compressChunk } from "../../src/cache/compression.ts";
+import { decompressStream } from "../../src/cache/decompress_stream.ts";
 import {
   fakeStorePath,
   hashPartOf,
@@ -227,4 +231,60 @@ Deno.test("verifyNarStream: passes a right NAR whole, refuses a long, short or w
   const wrong = nar.slice();
   wrong[5] ^= 1;
   await assert.rejects(read(pieces(wrong).pipeThrough(verifyNarStream(claims))), /hashes to/);
+});
+
+Deno.test("a source's zstd file is passed through as it is, checked, and its URL outlives it", async () => {
+  const fixture = await makeCacheFixture();
+  try {
+    const storePath = fakeStorePath("passed-through");
+    const nar = narOf(400_000, 12);
+    const { path } = signedPath(storePath, nar);
+    const file = compressChunk(nar, "zstd");
+    path.file = { fileHash: sha256Nix(file), fileSize: file.length };
+    let corrupt = false;
+    let opened = 0;
+    const source: PathSource = {
+      kind: "upstream",
+      lookup: (hashPart) => Promise.resolve(hashPart === hashPartOf(storePath) ? path : null),
+      openNar: () => Promise.reject(new Error("the file is what is asked for")),
+      openFile() {
+        opened++;
+        const bytes = file.slice();
+        if (corrupt) bytes[bytes.length >> 1] ^= 1;
+        return Promise.resolve(
+          ReadableStream.from([bytes.subarray(0, 1000), bytes.subarray(1000)]),
+        );
+      },
+    };
+    const handler = createHandler(fixture.cache, { priority: 40, sources: [source] });
+    try {
+      const info = parseNarInfo(
+        await (await handler(new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`))).text(),
+      );
+      assert.equal(info.compression, "zstd");
+      assert.equal(info.fileHash, path.file.fileHash);
+      assert.equal(info.fileSize, file.length);
+      assert.equal(info.url, `nar/${path.file.fileHash.slice("sha256:".length)}.nar.zst`);
+      const got = await handler(new Request(`${BASE}/${info.url}`));
+      assert.equal(got.status, 200);
+      assert.deepEqual(new Uint8Array(await got.arrayBuffer()), file);
+
+      corrupt = true;
+      const bad = await handler(new Request(`${BASE}/${info.url}`));
+      await assert.rejects(bad.arrayBuffer(), /its FileHash/);
+
+      // Once the path is local, the same URL serves it from here (any zstd frames do).
+      await importFixture(fixture.cache, nar, { storePath });
+      const before = opened;
+      const local = await handler(new Request(`${BASE}/${info.url}`));
+      assert.equal(local.status, 200);
+      const unpacked = local.body!.pipeThrough(decompressStream("zstd"));
+      assert.deepEqual(new Uint8Array(await new Response(unpacked).arrayBuffer()), nar);
+      assert.equal(opened, before, "the source is not asked again");
+    } finally {
+      await handler.close();
+    }
+  } finally {
+    await fixture.close();
+  }
 });

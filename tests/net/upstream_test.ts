@@ -387,10 +387,21 @@ test("requests for one NAR fetch it once, and none waits for another", async () 
         get(t.handler, info.url),
       ]);
       const expected = await narDump(storePath);
+      // A zstd upstream's file is passed through as it is: what its narinfo names.
+      assert.equal(info.compression, "zstd");
+      assert.match(info.url, /^nar\/[0-9a-z]{52}\.nar\.zst$/);
       // Read one after another, the last first: each reads the spool at its own pace.
       for (const nar of nars.reverse()) {
         assert.equal(nar.status, 200);
-        assertSameNar(new Uint8Array(await nar.arrayBuffer()), expected, storePath);
+        const file = new Uint8Array(await nar.arrayBuffer());
+        assert.equal(file.length, info.fileSize);
+        assert.equal(formatNixHash(sha256(file)), info.fileHash);
+        const unpacked = ReadableStream.from([file]).pipeThrough(decompressStream("zstd"));
+        assertSameNar(
+          new Uint8Array(await new Response(unpacked).arrayBuffer()),
+          expected,
+          storePath,
+        );
       }
       await t.source.idle();
       assert.ok(await t.cache.getPath(hashPartOf(storePath)), `${storePath} is local`);
