@@ -28,7 +28,7 @@
  */
 
 import { addSignature, type Cache, PIECE_BYTES, type StoredNar } from "../cache/cache.ts";
-import { narFileExtension } from "../cache/compression.ts";
+import { compressChunk, narFileExtension } from "../cache/compression.ts";
 import {
   ArcaError,
   FormatError,
@@ -346,12 +346,19 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       }
       const { manifest, record } = await storedNarOrThrow(stored);
       if (request.method === "GET") recorder.record(record);
+      // The narinfo said zstd: a copy stored otherwise is sent as zstd frames of its NAR
+      // (of a length not known before).
+      const asZstd = manifest.compression === "zstd";
       const response = new Response(
-        request.method === "HEAD" ? null : cache.openStoredNar(manifest),
+        request.method === "HEAD"
+          ? null
+          : asZstd
+          ? cache.openStoredNar(manifest)
+          : cache.openNar(manifest).pipeThrough(zstdFrames()),
         {
           headers: {
             "content-type": "application/x-nix-nar",
-            "content-length": String(manifest.fileSize),
+            ...(asZstd ? { "content-length": String(manifest.fileSize) } : {}),
           },
         },
       );
@@ -652,6 +659,15 @@ interface SourceEntry {
   hashPart: string;
   path: SourcePath;
   source: PathSource;
+}
+
+/** A transform that compresses each piece into a zstd frame of its own (Nix reads them as one stream). */
+function zstdFrames(): TransformStream<Uint8Array, Uint8Array> {
+  return new TransformStream({
+    transform(piece, controller) {
+      if (piece.length > 0) controller.enqueue(compressChunk(piece, "zstd"));
+    },
+  });
 }
 
 /** Limits of the handler's memory of paths served from sources. */

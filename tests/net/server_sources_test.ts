@@ -288,3 +288,42 @@ Deno.test("a source's zstd file is passed through as it is, checked, and its URL
     await fixture.close();
   }
 });
+
+Deno.test("a passed-through file's URL serves zstd also when the local copy is stored otherwise", async () => {
+  for (const compression of ["none", "xz"] as const) {
+    const fixture = await makeCacheFixture();
+    try {
+      const storePath = fakeStorePath(`passed-${compression}`);
+      const nar = narOf(300_000, 13);
+      const { path } = signedPath(storePath, nar);
+      const file = compressChunk(nar, "zstd");
+      path.file = { fileHash: sha256Nix(file), fileSize: file.length };
+      const source: PathSource = {
+        kind: "upstream",
+        lookup: (hashPart) => Promise.resolve(hashPart === hashPartOf(storePath) ? path : null),
+        openNar: () => Promise.reject(new Error("the file is what is asked for")),
+        openFile: () => Promise.resolve(ReadableStream.from([file.slice()])),
+      };
+      const handler = createHandler(fixture.cache, { priority: 40, sources: [source] });
+      try {
+        const info = parseNarInfo(
+          await (await handler(new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`))).text(),
+        );
+        assert.equal(info.compression, "zstd");
+        // Imported meanwhile, stored without zstd: Nix still decompresses what it gets as zstd.
+        await importFixture(fixture.cache, nar, { storePath, compression });
+        const local = await handler(new Request(`${BASE}/${info.url}`));
+        assert.equal(local.status, 200);
+        const unpacked = local.body!.pipeThrough(decompressStream("zstd"));
+        assert.deepEqual(new Uint8Array(await new Response(unpacked).arrayBuffer()), nar);
+        const head = await handler(new Request(`${BASE}/${info.url}`, { method: "HEAD" }));
+        assert.equal(head.status, 200);
+        await head.body?.cancel();
+      } finally {
+        await handler.close();
+      }
+    } finally {
+      await fixture.close();
+    }
+  }
+});
