@@ -296,6 +296,8 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   async function narByNarHash(nix32: string, request: Request): Promise<Response> {
     const narHash = `sha256:${nix32}`;
     let entry = fromSources.get(nix32);
+    // The key may be another path's FileHash (unsigned: an upstream can claim any).
+    if (entry !== undefined && narHashPart(entry.path.narHash) !== nix32) entry = undefined;
     // A path fetched earlier (or imported since) is served from here.
     const localHashPart = entry?.hashPart ?? await narHashIndex.find(narHash);
     if (localHashPart !== undefined) {
@@ -335,6 +337,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   async function narFromSourceFile(nix32: string, request: Request): Promise<Response | null> {
     const entry = fromSources.get(nix32);
     if (entry === undefined || entry.path.file === undefined) return null;
+    if (narHashPart(entry.path.file.fileHash) !== nix32) return null;
     const { hashPart, path, source } = entry;
     const { fileHash, fileSize } = entry.path.file;
     const local = async () => {

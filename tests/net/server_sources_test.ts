@@ -327,3 +327,48 @@ Deno.test("a passed-through file's URL serves zstd also when the local copy is s
     }
   }
 });
+
+Deno.test("a FileHash that is another path's NarHash does not take that path's NAR URL", async () => {
+  const fixture = await makeCacheFixture();
+  try {
+    // FileHash is not signed: an upstream (or a man in the middle) can claim any.
+    const x = { storePath: fakeStorePath("victim"), nar: narOf(100_000, 21) };
+    const y = { storePath: fakeStorePath("claimer"), nar: narOf(100_000, 22) };
+    const pathX = signedPath(x.storePath, x.nar).path;
+    const pathY = signedPath(y.storePath, y.nar).path;
+    const yFile = compressChunk(y.nar, "zstd");
+    pathY.file = { fileHash: pathX.narHash, fileSize: yFile.length };
+    const byHashPart = new Map([
+      [hashPartOf(x.storePath), { path: pathX, nar: x.nar }],
+      [hashPartOf(y.storePath), { path: pathY, nar: y.nar }],
+    ]);
+    const source: PathSource = {
+      kind: "upstream",
+      lookup: (hashPart) => Promise.resolve(byHashPart.get(hashPart)?.path ?? null),
+      lookupByNarHash(narHash) {
+        for (const [hashPart, { path }] of byHashPart) {
+          if (path.narHash === narHash) return Promise.resolve({ hashPart, path });
+        }
+        return Promise.resolve(null);
+      },
+      openNar: (hashPart) => Promise.resolve(ReadableStream.from([byHashPart.get(hashPart)!.nar])),
+      openFile: () => Promise.resolve(ReadableStream.from([yFile.slice()])),
+    };
+    const handler = createHandler(fixture.cache, { priority: 40, sources: [source] });
+    try {
+      const infoX = parseNarInfo(
+        await (await handler(new Request(`${BASE}/${hashPartOf(x.storePath)}.narinfo`))).text(),
+      );
+      const infoY = await handler(new Request(`${BASE}/${hashPartOf(y.storePath)}.narinfo`));
+      assert.equal(infoY.status, 200);
+      await infoY.body?.cancel();
+      const got = await handler(new Request(`${BASE}/${infoX.url}`));
+      assert.equal(got.status, 200);
+      assert.deepEqual(new Uint8Array(await got.arrayBuffer()), x.nar);
+    } finally {
+      await handler.close();
+    }
+  } finally {
+    await fixture.close();
+  }
+});
