@@ -47,7 +47,7 @@ import { segmentFor } from "../cache/segments.ts";
 import { type PublicKey, validSignatureKeys } from "../cache/signing.ts";
 import { parseStorePath } from "../cache/store_path.ts";
 import { parseUpstreamUrl, type SegmentConfig } from "../config.ts";
-import { NotFoundError } from "../errors.ts";
+import { IntegrityError, NotFoundError } from "../errors.ts";
 import type { PathSource, SourcePath } from "./server.ts";
 
 /** One upstream cache. */
@@ -554,7 +554,10 @@ export class UpstreamSource implements PathSource {
       const decompress = (stream: ReadableStream<Uint8Array>) =>
         stream.pipeThrough(decompressStream(found.compression, { maxOutputBytes: path.narSize }));
       // Raw: the spool keeps the upstream's file (what the clients get); else the NAR.
-      const nar = raw ? body : decompress(body);
+      // Its FileSize is not signed: more bytes than it says are refused, not spooled.
+      const nar = raw
+        ? body.pipeThrough(atMost(path.file!.fileSize, `${what}'s file`))
+        : decompress(body);
       const importNar = (stream: ReadableStream<Uint8Array>) =>
         this.#cache.importNar(stream, meta, {
           compression: this.#compression,
@@ -634,6 +637,20 @@ function narInfoOf(path: SourcePath): NarInfo {
     references: path.references,
     sigs: path.sigs,
   };
+}
+
+/** A pass-through that errors once more than `limit` bytes (a FileSize) have come. */
+function atMost(limit: number, what: string): TransformStream<Uint8Array, Uint8Array> {
+  let seen = 0;
+  return new TransformStream({
+    transform(piece, controller) {
+      seen += piece.length;
+      if (seen > limit) {
+        throw new IntegrityError(`${what} is longer than its FileSize ${limit}: refused`);
+      }
+      controller.enqueue(piece);
+    },
+  });
 }
 
 /** True when two SHA-256 hashes (any form) are the same. */

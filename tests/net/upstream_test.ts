@@ -635,3 +635,33 @@ Deno.test("Spool: readers follow it as it grows, each at its own pace; it ends w
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+test("a passed-through file longer than its FileSize is cut at it, not spooled whole", async () => {
+  const w = await getWorld();
+  const root = await Deno.makeTempDir({ prefix: "arca-upstream-long-file-" });
+  try {
+    // FileSize is not signed: an upstream can send more than it claims.
+    const copied = await new Deno.Command("cp", { args: ["-r", `${w.goodZstd}/.`, root] })
+      .output();
+    assert.ok(copied.success);
+    const hashPart = hashPartOf(w.dep);
+    const info = parseNarInfo(await Deno.readTextFile(`${root}/${hashPart}.narinfo`));
+    const file = await Deno.open(`${root}/${info.url}`, { append: true });
+    await file.write(pseudoRandomBytes(1 << 20, 31));
+    file.close();
+    const t = await setup([root]);
+    try {
+      const path = await t.source.lookup(hashPart);
+      assert.ok(path?.file);
+      const stream = await t.source.openFile(hashPart, path);
+      const read = new Response(stream).arrayBuffer();
+      await assert.rejects(read, /FileSize/);
+      await t.source.idle();
+      assert.equal(await t.cache.getPath(hashPart), null);
+    } finally {
+      await t.close();
+    }
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
