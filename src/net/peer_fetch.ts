@@ -173,9 +173,18 @@ export class PeerFetcher implements PathSource {
   }
 
   /** Starts fetching the NAR; the stream carries it as it arrives. */
-  async openNar(hashPart: string, _path: SourcePath): Promise<ReadableStream<Uint8Array>> {
+  async openNar(hashPart: string, path: SourcePath): Promise<ReadableStream<Uint8Array>> {
     const found = await this.#find(hashPart);
     if (found === null) throw new NotFoundError(`No connected peer holds ${hashPart}`);
+    // The server does not check this source's NARs: the one promised (a narinfo served
+    // earlier) must be the one the peers hold now, not another build of the same path.
+    if (
+      formatBase16(parseNixHash(found.record.narHash)) !== formatBase16(parseNixHash(path.narHash))
+    ) {
+      throw new NotFoundError(
+        `Connected peers hold ${found.record.storePath} with NarHash ${found.record.narHash}, not ${path.narHash}`,
+      );
+    }
     const fetch = new NarFetch(this.#cache, found, {
       ...this.#options,
       stats: this.stats,

@@ -28,7 +28,8 @@
 import assert from "node:assert/strict";
 import type { Cache } from "../../src/cache/cache.ts";
 import type { ChunkCompression } from "../../src/cache/compression.ts";
-import { formatBase16, parseNixHash, sha256 } from "../../src/cache/hash.ts";
+import { formatBase16, formatNixHash, parseNixHash, sha256 } from "../../src/cache/hash.ts";
+import { NotFoundError } from "../../src/errors.ts";
 import { encodeNar } from "../../src/cache/nar.ts";
 import { RemoteRecords } from "../../src/cache/remote_records.ts";
 import { generateSecretKey } from "../../src/cache/signing.ts";
@@ -1099,5 +1100,30 @@ Deno.test("peer fetch: a manifest of another NarHash or NarSize is ignored", asy
     await both.fixture.close();
     await wrongHash.fixture.close();
     await right.fixture.close();
+  }
+});
+
+Deno.test("peer fetch: a NAR asked for under another NarHash than the peers' is not streamed", async () => {
+  // The same store path built twice, not reproducibly: the narinfo served (or cached by Nix)
+  // promised one NarHash, the record now names another.
+  const nar = narOf(pseudoRandomBytes(300_000, 141));
+  const holder = await makeHolder(nar, fakeStorePath("rebuilt", 14));
+  const link = await connect(nodeId("a"), new CacheProvider(holder.fixture.cache));
+  const node = await makeFetcher([link]);
+  try {
+    await putRecord(node.fixture.cache, holder.imported);
+    const path = await within("lookup", node.fetcher.lookup(holder.imported.hashPart));
+    assert.ok(path !== null);
+    const promised = { ...path, narHash: formatNixHash(sha256(new Uint8Array([2]))) };
+    await assert.rejects(
+      node.fetcher.openNar(holder.imported.hashPart, promised),
+      NotFoundError,
+    );
+    await node.fetcher.settle();
+    await assertNotCommitted(node.fixture.cache, holder.imported);
+  } finally {
+    await link.close();
+    await node.fixture.close();
+    await holder.fixture.close();
   }
 });
