@@ -648,7 +648,8 @@ class NarFetch {
     const answers = peer.chunks.requestChunks(ids);
     answers.forEach((answer, i) => {
       answer.then((received) => {
-        if (batch.expired) return;
+        // After a failure nothing is written: its temporary files are removed already.
+        if (batch.expired || this.#failure) return;
         armTimer();
         this.#settle(batch, i);
         if (received === null) {

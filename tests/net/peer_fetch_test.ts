@@ -1127,3 +1127,45 @@ Deno.test("peer fetch: a NAR asked for under another NarHash than the peers' is 
     await holder.fixture.close();
   }
 });
+
+Deno.test("peer fetch: chunks that come after the fetch failed leave no temporary files", async () => {
+  const nar = narOf(pseudoRandomBytes(2 * MiB, 161));
+  const holder = await makeHolder(nar, fakeStorePath("late-answers", 16));
+  // The holder sends its first chunk, then holds the others back until the fetch failed.
+  const gate = Promise.withResolvers<void>();
+  let chunksSent = 0;
+  const link = await connect(nodeId("late"), new CacheProvider(holder.fixture.cache), {
+    holderSend: async (send, message) => {
+      if (message[0] === MessageType.Chunk && chunksSent++ > 0) await gate.promise;
+      await send(message);
+    },
+  });
+  const node = await makeFetcher([link]);
+  try {
+    await putRecord(node.fixture.cache, holder.imported);
+    const stored = await holder.fixture.cache.narOfPath(holder.imported.hashPart);
+    assert.ok(stored !== null && stored.manifest.chunks.length > 8);
+    // The first chunk cannot be written here: a file where its fan-out directory goes.
+    const first = node.fixture.cache.chunks.chunkPath(stored.manifest.chunks[0].id, "zstd");
+    const fanOut = first.slice(0, first.lastIndexOf("/"));
+    await Deno.mkdir(fanOut.slice(0, fanOut.lastIndexOf("/")), { recursive: true });
+    await Deno.writeTextFile(fanOut, "in the way");
+    const path = await within("lookup", node.fetcher.lookup(holder.imported.hashPart));
+    assert.ok(path !== null);
+    await readFails(await node.fetcher.openNar(holder.imported.hashPart, path));
+    await within("settle", node.fetcher.settle());
+    gate.resolve();
+    const session = link.handle.chunks;
+    await until(
+      "the held-back chunks",
+      () => session.stats.chunksReceived > 1 && session.stats.chunksReceived === chunksSent,
+    );
+    // Let the answers' handlers and any writes they start run.
+    for (let i = 0; i < 10; i++) await new Promise((resolve) => setTimeout(resolve, 0));
+    assert.deepEqual(await temporaryFiles(node.fixture.cache), []);
+  } finally {
+    await link.close();
+    await node.fixture.close();
+    await holder.fixture.close();
+  }
+});
