@@ -9,6 +9,7 @@
  */
 
 import assert from "node:assert/strict";
+import { parseNarInfo } from "../../src/cache/narinfo.ts";
 import { freePort, runArca } from "../helpers/arca.ts";
 import { HAVE_NIX, pathInfo } from "../helpers/nix.ts";
 import { copyFrom, makeTeam } from "../helpers/team.ts";
@@ -27,6 +28,10 @@ Deno.test({
       const httpPort = freePort();
       await team.start("b", { peers: ["a"], httpPort });
       await team.waitForPeers("b", 1);
+      const narinfoUrl = `http://127.0.0.1:${httpPort}/${
+        path.slice("/nix/store/".length, "/nix/store/".length + 32)
+      }.narinfo`;
+      const before = parseNarInfo(await (await fetch(narinfoUrl)).text());
 
       // Corrupt one of B's chunk files in place, keeping its size.
       const chunksDir = `${team.dir("b")}/objects/chunks`;
@@ -56,6 +61,12 @@ Deno.test({
       const repair = JSON.parse(repaired.stdout);
       assert.deepEqual(repair.refetched.map((r: { storePath: string }) => r.storePath), [path]);
       assert.match(repair.refetched[0].from, /peer/);
+      // The record is back as it was: signatures, references, deriver.
+      const after = parseNarInfo(await (await fetch(narinfoUrl)).text());
+      assert.deepEqual(after.sigs, before.sigs);
+      assert.deepEqual(after.references, before.references);
+      assert.equal(after.deriver, before.deriver);
+      assert.equal(after.narHash, before.narHash);
 
       const store = `${team.home.dir}/store`;
       await copyFrom(`http://127.0.0.1:${httpPort}`, store, team.publicKey, [path]);
