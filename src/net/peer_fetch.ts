@@ -76,6 +76,12 @@ export interface PeerFetcherOptions {
   manifestTimeoutMs?: number;
   /** A chunk request not answered in this time is asked from another peer (default 10 s). */
   chunkTimeoutMs?: number;
+  /**
+   * A client that reads nothing for this long is cut (its body errors) and the fetch goes
+   * on without it, so that a stopped client does not hold it (and the writer lock) forever
+   * (default 300 s, Nix's own stalled-download timeout).
+   */
+  clientPatienceMs?: number;
   log: (message: string) => void;
 }
 
@@ -145,6 +151,7 @@ export class PeerFetcher implements PathSource {
     this.#options = {
       manifestTimeoutMs: 3000,
       chunkTimeoutMs: 10_000,
+      clientPatienceMs: 300_000,
       segments: [],
       ...options,
     };
@@ -297,6 +304,7 @@ class NarFetch {
   #compression: ChunkCompression;
   #segments: readonly SegmentConfig[];
   #chunkTimeoutMs: number;
+  #clientPatienceMs: number;
   #stats: PeerFetchStats;
   #remote: RemoteRecords;
   #log: (message: string) => void;
@@ -338,6 +346,7 @@ class NarFetch {
       compression: ChunkCompression;
       segments: readonly SegmentConfig[];
       chunkTimeoutMs: number;
+      clientPatienceMs: number;
       stats: PeerFetchStats;
       remote: RemoteRecords;
       log: (message: string) => void;
@@ -348,6 +357,7 @@ class NarFetch {
     this.#compression = options.compression;
     this.#segments = options.segments;
     this.#chunkTimeoutMs = options.chunkTimeoutMs;
+    this.#clientPatienceMs = options.clientPatienceMs;
     this.#stats = options.stats;
     this.#remote = options.remote;
     this.#log = options.log;
@@ -470,10 +480,24 @@ class NarFetch {
     if (!this.#cancelled) this.#controller.close();
   }
 
-  /** Hands a piece to the client once it wants more (dropped if it went away). */
+  /**
+   * Hands a piece to the client once it wants more (dropped if it went away); a client
+   * that wants nothing for {@link PeerFetcherOptions.clientPatienceMs} is cut.
+   */
   async #release(piece: Uint8Array): Promise<void> {
     while (!this.#cancelled && (this.#controller.desiredSize ?? 0) <= 0) {
-      await new Promise<void>((resolve) => (this.#wantMore = resolve));
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const pulled = await new Promise<boolean>((resolve) => {
+        this.#wantMore = () => resolve(true);
+        timer = setTimeout(() => resolve(false), this.#clientPatienceMs);
+      });
+      clearTimeout(timer);
+      if (pulled) continue;
+      this.#wantMore = null;
+      this.#cancelled = true;
+      this.#controller.error(
+        new Error(`The client read nothing for ${this.#clientPatienceMs} ms: cut`),
+      );
     }
     if (!this.#cancelled) this.#controller.enqueue(piece);
   }

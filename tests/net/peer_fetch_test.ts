@@ -1169,3 +1169,25 @@ Deno.test("peer fetch: chunks that come after the fetch failed leave no temporar
     await holder.fixture.close();
   }
 });
+
+Deno.test("peer fetch: a client that stops reading is cut after its patience; the path still becomes local", async () => {
+  const nar = narOf(pseudoRandomBytes(4 * MiB, 171));
+  const holder = await makeHolder(nar, fakeStorePath("stuck-client", 17));
+  const link = await connect(nodeId("a"), new CacheProvider(holder.fixture.cache));
+  const node = await makeFetcher([link], { clientPatienceMs: 200 });
+  try {
+    await putRecord(node.fixture.cache, holder.imported);
+    const path = await within("lookup", node.fetcher.lookup(holder.imported.hashPart));
+    assert.ok(path !== null);
+    // Opened, never read, never cancelled (a stopped client): the fetch does not wait forever.
+    const stream = await node.fetcher.openNar(holder.imported.hashPart, path);
+    await within("settle", node.fetcher.settle());
+    await assertCommitted(node.fixture.cache, holder.imported, nar);
+    // What the client reads now ends in an error, never as a complete NAR.
+    await readFails(stream);
+  } finally {
+    await link.close();
+    await node.fixture.close();
+    await holder.fixture.close();
+  }
+});
