@@ -28,7 +28,7 @@
  */
 
 import { addSignature, type Cache, PIECE_BYTES, type StoredNar } from "../cache/cache.ts";
-import { compressChunk, narFileExtension } from "../cache/compression.ts";
+import { narFileExtension } from "../cache/compression.ts";
 import {
   ArcaError,
   FormatError,
@@ -349,19 +349,21 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       }
       const { manifest, record } = await storedNarOrThrow(stored);
       if (request.method === "GET") recorder.record(record);
-      // The narinfo said zstd: a copy stored otherwise is sent as zstd frames of its NAR
-      // (of a length not known before).
+      // The narinfo said zstd: a copy stored otherwise is sent as a zstd frame of raw
+      // (uncompressed) blocks of its NAR.
       const asZstd = manifest.compression === "zstd";
       const response = new Response(
         request.method === "HEAD"
           ? null
           : asZstd
           ? cache.openStoredNar(manifest)
-          : cache.openNar(manifest).pipeThrough(zstdFrames()),
+          : cache.openNar(manifest).pipeThrough(rawZstdFrame(manifest.narSize)),
         {
           headers: {
             "content-type": "application/x-nix-nar",
-            ...(asZstd ? { "content-length": String(manifest.fileSize) } : {}),
+            "content-length": String(
+              asZstd ? manifest.fileSize : rawZstdFrameSize(manifest.narSize),
+            ),
           },
         },
       );
@@ -664,11 +666,56 @@ interface SourceEntry {
   source: PathSource;
 }
 
-/** A transform that compresses each piece into a zstd frame of its own (Nix reads them as one stream). */
-function zstdFrames(): TransformStream<Uint8Array, Uint8Array> {
+/** Bytes of a raw zstd block at most (the frame's window is as large). */
+const RAW_BLOCK_BYTES = 128 * 1024;
+
+/** The length of {@link rawZstdFrame}'s output for `size` bytes. */
+function rawZstdFrameSize(size: number): number {
+  return 6 + size + 3 * Math.max(1, Math.ceil(size / RAW_BLOCK_BYTES));
+}
+
+/**
+ * A transform that wraps exactly `size` bytes into one zstd frame of raw blocks (RFC 8878:
+ * magic, a descriptor without content size or checksum, a 128 KiB window, then blocks of
+ * up to 128 KiB, each with a 3-byte header): zstd any decoder reads, of a known length,
+ * without compressing.
+ */
+function rawZstdFrame(size: number): TransformStream<Uint8Array, Uint8Array> {
+  let left = size;
+  let block = new Uint8Array(3 + Math.min(RAW_BLOCK_BYTES, size));
+  let filled = 0;
+  const header = (length: number, last: boolean) => {
+    const value = (length << 3) | (last ? 1 : 0);
+    block[0] = value & 0xff;
+    block[1] = (value >> 8) & 0xff;
+    block[2] = (value >> 16) & 0xff;
+  };
   return new TransformStream({
+    start(controller) {
+      controller.enqueue(new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38]));
+      if (size === 0) {
+        header(0, true);
+        controller.enqueue(block);
+      }
+    },
     transform(piece, controller) {
-      if (piece.length > 0) controller.enqueue(compressChunk(piece, "zstd"));
+      if (piece.length > left) throw new IntegrityError("NAR is longer than its NarSize");
+      for (let at = 0; at < piece.length;) {
+        const take = Math.min(block.length - 3 - filled, piece.length - at);
+        block.set(piece.subarray(at, at + take), 3 + filled);
+        filled += take;
+        at += take;
+        left -= take;
+        if (filled === block.length - 3) {
+          header(filled, left === 0);
+          controller.enqueue(block);
+          block = new Uint8Array(3 + Math.min(RAW_BLOCK_BYTES, left));
+          filled = 0;
+        }
+      }
+    },
+    flush() {
+      if (left !== 0) throw new IntegrityError("NAR is shorter than its NarSize");
     },
   });
 }

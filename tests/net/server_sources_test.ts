@@ -314,10 +314,22 @@ Deno.test("a passed-through file's URL serves zstd also when the local copy is s
         await importFixture(fixture.cache, nar, { storePath, compression });
         const local = await handler(new Request(`${BASE}/${info.url}`));
         assert.equal(local.status, 200);
-        const unpacked = local.body!.pipeThrough(decompressStream("zstd"));
+        const sent = new Uint8Array(await local.arrayBuffer());
+        assert.equal(local.headers.get("content-length"), String(sent.length));
+        const unpacked = ReadableStream.from([sent]).pipeThrough(decompressStream("zstd"));
         assert.deepEqual(new Uint8Array(await new Response(unpacked).arrayBuffer()), nar);
+        // The zstd tool reads it too.
+        const child = new Deno.Command("zstd", { args: ["-dc"], stdin: "piped", stdout: "piped" })
+          .spawn();
+        const writer = child.stdin.getWriter();
+        await writer.write(sent);
+        await writer.close();
+        const output = await child.output();
+        assert.ok(output.success);
+        assert.deepEqual(output.stdout, nar);
         const head = await handler(new Request(`${BASE}/${info.url}`, { method: "HEAD" }));
         assert.equal(head.status, 200);
+        assert.equal(head.headers.get("content-length"), String(sent.length));
         await head.body?.cancel();
       } finally {
         await handler.close();
