@@ -267,6 +267,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   // Paths served from sources, by the nix32 NarHash of their `.nar` URL.
   const fromSources = new BoundedCache<string, SourceEntry>(SOURCE_ENTRY_LIMITS);
   const narHashIndex = new NarHashIndex(cache);
+  const aliases = new NarAliases(cache.cacheDir);
 
   async function narinfoFromSources(hashPart: string, head: boolean): Promise<Response> {
     for (const source of options.sources ?? []) {
@@ -335,41 +336,13 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
    * frames; it does not check FileHash). Null when no source path has this file.
    */
   async function narFromSourceFile(nix32: string, request: Request): Promise<Response | null> {
-    const entry = fromSources.get(nix32);
+    const entry = fromSources.get(nix32) ?? await entryFromAlias(nix32);
     if (entry === undefined || entry.path.file === undefined) return null;
     if (narHashPart(entry.path.file.fileHash) !== nix32) return null;
     const { hashPart, path, source } = entry;
     const { fileHash, fileSize } = entry.path.file;
-    const local = async () => {
-      const stored = await cache.narOfPath(hashPart);
-      if (
-        stored === null || narHashPart(stored.record.narInfo.narHash) !== narHashPart(path.narHash)
-      ) {
-        return null;
-      }
-      const { manifest, record } = await storedNarOrThrow(stored);
-      if (request.method === "GET") recorder.record(record);
-      // The narinfo said zstd: a copy stored otherwise is sent as a zstd frame of raw
-      // (uncompressed) blocks of its NAR.
-      const asZstd = manifest.compression === "zstd";
-      const response = new Response(
-        request.method === "HEAD"
-          ? null
-          : asZstd
-          ? cache.openStoredNar(manifest)
-          : cache.openNar(manifest).pipeThrough(rawZstdFrame(manifest.narSize)),
-        {
-          headers: {
-            "content-type": "application/x-nix-nar",
-            "content-length": String(
-              asZstd ? manifest.fileSize : rawZstdFrameSize(manifest.narSize),
-            ),
-          },
-        },
-      );
-      hitSources.set(response, "local");
-      return response;
-    };
+    await aliases.remember(nix32, hashPart);
+    const local = () => localAsZstd(hashPart, path.narHash, request);
     const here = await local();
     if (here !== null) return here;
     if (source.openFile === undefined) return null;
@@ -393,6 +366,74 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       }),
     );
     return narResponse(request, fileSize, () => body, source.kind);
+  }
+
+  /**
+   * A passed-through file's URL this process has not served a narinfo for (it restarted,
+   * and Nix kept the narinfo): the path the alias names, if local (any NarHash), or as a
+   * source that passes the same file through has it now.
+   */
+  async function entryFromAlias(nix32: string): Promise<SourceEntry | undefined> {
+    const hashPart = await aliases.get(nix32);
+    if (hashPart === null) return undefined;
+    const stored = await cache.getPath(hashPart);
+    if (stored !== null) {
+      // Served from here (whatever the sources are now); its NarHash is the local one.
+      return {
+        hashPart,
+        source: LOCAL_ONLY,
+        path: { ...stored.narInfo, file: { fileHash: `sha256:${nix32}`, fileSize: 0 } },
+      };
+    }
+    for (const source of options.sources ?? []) {
+      if (source.openFile === undefined) continue;
+      const path = await source.lookup(hashPart).catch(() => null);
+      if (path?.file !== undefined && narHashPart(path.file.fileHash) === nix32) {
+        const entry = { hashPart, path, source };
+        fromSources.set(nix32, entry);
+        return entry;
+      }
+    }
+    return undefined;
+  }
+
+  /**
+   * The local copy of a path with this NarHash, as a zstd file (what a passed-through
+   * file's narinfo promised); null when the path is not here.
+   */
+  async function localAsZstd(
+    hashPart: string,
+    narHash: string,
+    request: Request,
+  ): Promise<Response | null> {
+    const stored = await cache.narOfPath(hashPart);
+    if (
+      stored === null || narHashPart(stored.record.narInfo.narHash) !== narHashPart(narHash)
+    ) {
+      return null;
+    }
+    const { manifest, record } = await storedNarOrThrow(stored);
+    if (request.method === "GET") recorder.record(record);
+    // The narinfo said zstd: a copy stored otherwise is sent as a zstd frame of raw
+    // (uncompressed) blocks of its NAR.
+    const asZstd = manifest.compression === "zstd";
+    const response = new Response(
+      request.method === "HEAD"
+        ? null
+        : asZstd
+        ? cache.openStoredNar(manifest)
+        : cache.openNar(manifest).pipeThrough(rawZstdFrame(manifest.narSize)),
+      {
+        headers: {
+          "content-type": "application/x-nix-nar",
+          "content-length": String(
+            asZstd ? manifest.fileSize : rawZstdFrameSize(manifest.narSize),
+          ),
+        },
+      },
+    );
+    hitSources.set(response, "local");
+    return response;
   }
 
   function narResponse(
@@ -720,6 +761,13 @@ function rawZstdFrame(size: number): TransformStream<Uint8Array, Uint8Array> {
   });
 }
 
+/** The source of an alias whose path is local: it has nothing else to give. */
+const LOCAL_ONLY: PathSource = {
+  kind: "upstream",
+  lookup: () => Promise.resolve(null),
+  openNar: () => Promise.reject(new NotFoundError("Not from a source")),
+};
+
 /** Limits of the handler's memory of paths served from sources. */
 const SOURCE_ENTRY_LIMITS = { maxEntries: 65536, maxWeight: 65536 };
 
@@ -801,6 +849,45 @@ class NarHashIndex {
     }
     this.#byNarHash = index;
     this.#builtAt = performance.now();
+  }
+}
+
+/**
+ * Which path a passed-through file's URL (`nar/<nix32 FileHash>.nar.zst`) belongs to, kept
+ * on disk (`<cacheDir>/nar-aliases/<nix32 FileHash>` holds the hash part) so that the URL
+ * outlives a restart: Nix keeps narinfos for weeks. One small file per file NAR served;
+ * an alias whose path is gone leads to a 404.
+ */
+class NarAliases {
+  #dir: string;
+  #known = new BoundedCache<string, true>({ maxEntries: 65536, maxWeight: 65536 });
+
+  constructor(cacheDir: string) {
+    this.#dir = `${cacheDir}/nar-aliases`;
+  }
+
+  /** Records that file `nix32` is path `hashPart`'s (best effort). */
+  async remember(nix32: string, hashPart: string): Promise<void> {
+    if (this.#known.get(nix32) !== undefined) return;
+    try {
+      await Deno.mkdir(this.#dir, { recursive: true });
+      const path = `${this.#dir}/${nix32}`;
+      const temporary = `${path}.${crypto.randomUUID()}.tmp`;
+      await Deno.writeTextFile(temporary, hashPart);
+      await Deno.rename(temporary, path);
+      this.#known.set(nix32, true);
+    } catch { /* an alias is a convenience: the URL works while this process runs */ }
+  }
+
+  /** The hash part file `nix32` belongs to, or null. */
+  async get(nix32: string): Promise<string | null> {
+    if (!isNixBase32(nix32, 32)) return null;
+    try {
+      const hashPart = (await Deno.readTextFile(`${this.#dir}/${nix32}`)).trim();
+      return isValidHashPart(hashPart) ? hashPart : null;
+    } catch {
+      return null;
+    }
   }
 }
 

@@ -384,3 +384,70 @@ Deno.test("a FileHash that is another path's NarHash does not take that path's N
     await fixture.close();
   }
 });
+
+Deno.test("a passed-through file's URL outlives a restart, before and after the path is local", async () => {
+  const fixture = await makeCacheFixture();
+  try {
+    const storePath = fakeStorePath("restarted");
+    const nar = narOf(300_000, 14);
+    const { path } = signedPath(storePath, nar);
+    const file = compressChunk(nar, "zstd");
+    path.file = { fileHash: sha256Nix(file), fileSize: file.length };
+    let opened = 0;
+    const source: PathSource = {
+      kind: "upstream",
+      lookup: (hashPart) => Promise.resolve(hashPart === hashPartOf(storePath) ? path : null),
+      openNar: () => Promise.reject(new Error("the file is what is asked for")),
+      openFile() {
+        opened++;
+        return Promise.resolve(ReadableStream.from([file.slice()]));
+      },
+    };
+    const url = `${BASE}/nar/${path.file.fileHash.slice("sha256:".length)}.nar.zst`;
+    const first = createHandler(fixture.cache, { priority: 40, sources: [source] });
+    try {
+      await (await first(new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`))).text();
+      assert.deepEqual(new Uint8Array(await (await first(new Request(url))).arrayBuffer()), file);
+    } finally {
+      await first.close();
+    }
+    // A new process that never served the narinfo (Nix kept it): the source again.
+    const second = createHandler(fixture.cache, { priority: 40, sources: [source] });
+    try {
+      const response = await second(new Request(url));
+      assert.equal(response.status, 200);
+      assert.deepEqual(new Uint8Array(await response.arrayBuffer()), file);
+      assert.equal(opened, 2);
+    } finally {
+      await second.close();
+    }
+    // And once the path is local: from here, without the source.
+    await importFixture(fixture.cache, nar, { storePath });
+    const third = createHandler(fixture.cache, { priority: 40, sources: [source] });
+    try {
+      const response = await third(new Request(url));
+      assert.equal(response.status, 200);
+      const unpacked = response.body!.pipeThrough(decompressStream("zstd"));
+      assert.deepEqual(new Uint8Array(await new Response(unpacked).arrayBuffer()), nar);
+      assert.equal(opened, 2, "the source is not asked");
+      // Also with no source left (the upstream removed from the config).
+      const bare = createHandler(fixture.cache, { priority: 40 });
+      try {
+        const alone = await bare(new Request(url));
+        assert.equal(alone.status, 200);
+        const again = alone.body!.pipeThrough(decompressStream("zstd"));
+        assert.deepEqual(new Uint8Array(await new Response(again).arrayBuffer()), nar);
+      } finally {
+        await bare.close();
+      }
+      // A URL no narinfo named is still a 404.
+      const unknown = await third(new Request(`${BASE}/nar/${"1".repeat(52)}.nar.zst`));
+      assert.equal(unknown.status, 404);
+      await unknown.body?.cancel();
+    } finally {
+      await third.close();
+    }
+  } finally {
+    await fixture.close();
+  }
+});
