@@ -58,7 +58,9 @@ export function swarmRefetcher(cache: Cache, options: SwarmRefetcherOptions = {}
         await info.body?.cancel();
         return null;
       }
-      const { url, narSize } = parseNarInfo(await info.text());
+      const { url, narSize, compression, fileSize } = parseNarInfo(await info.text());
+      // The whole body: the NAR, or (an upstream's file passed through) that file.
+      const expected = compression === "none" ? narSize : fileSize;
       const nar = await fetch(`${base}/${url}`, { signal });
       if (nar.status !== 200 || nar.body === null) {
         await nar.body?.cancel();
@@ -66,7 +68,7 @@ export function swarmRefetcher(cache: Cache, options: SwarmRefetcherOptions = {}
       }
       let received = 0;
       for await (const piece of nar.body) received += piece.length;
-      if (received !== narSize) return null;
+      if (expected !== undefined && received !== expected) return null;
       return (await cache.getPath(hash)) === null ? null : "peers (through the running swarm)";
     } catch (error) {
       options.log?.(
