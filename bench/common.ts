@@ -648,6 +648,8 @@ export function processStats(pid: number): ProcessStats {
 export interface NginxOptions {
   /** Accept WebDAV writes (`dav_methods PUT DELETE MKCOL`, `create_full_put_path`, no body limit). */
   dav?: boolean;
+  /** Log requests (default true; {@link BenchServer.requests} is empty without). */
+  accessLog?: boolean;
   /** Progress lines. */
   log?: (line: string) => void;
 }
@@ -688,7 +690,7 @@ pid ${prefix}/nginx.pid;
 events { worker_connections 1024; }
 http {
   log_format timed '$msec $request_time $status "$request"';
-  access_log ${accessLog} timed;
+  access_log ${options.accessLog === false ? "off" : `${accessLog} timed`};
   sendfile on;
   tcp_nopush on;
   keepalive_requests 1000000;
@@ -723,7 +725,7 @@ ${dav}  }
     throw error;
   }
   // Forget the readiness probes.
-  await Deno.writeTextFile(accessLog, "");
+  if (options.accessLog !== false) await Deno.writeTextFile(accessLog, "");
   options.log?.(
     `nginx${options.dav ? " (WebDAV)" : ""} (pid ${child.pid}) on ${base}, root ${root}`,
   );

@@ -49,6 +49,7 @@ import {
   removeTree,
   resolveMain,
   run,
+  startNginx,
   waitForHttp,
   warmPageCache,
 } from "./common.ts";
@@ -137,63 +138,6 @@ interface Server {
   name: string;
   base: string;
   stop(): Promise<void>;
-}
-
-async function startNginx(root: string, scratch: string): Promise<Server> {
-  const port = freePort();
-  const prefix = `${scratch}/nginx`;
-  await Deno.mkdir(`${prefix}/tmp`, { recursive: true });
-  const conf = `${prefix}/nginx.conf`;
-  const temps = ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
-    .map((t) => `  ${t}_temp_path ${prefix}/tmp/${t};`).join("\n");
-  await Deno.writeTextFile(
-    conf,
-    `worker_processes auto;
-error_log ${prefix}/error.log warn;
-pid ${prefix}/nginx.pid;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  keepalive_requests 1000000;
-  keepalive_timeout 120s;
-${temps}
-  types {
-    text/x-nix-narinfo narinfo;
-    text/x-nix-cache-info nix-cache-info;
-    application/x-nix-nar nar zst xz;
-  }
-  default_type application/octet-stream;
-  server {
-    listen 127.0.0.1:${port};
-    root ${root};
-  }
-}
-`,
-  );
-  // As root, workers would drop to "nobody": keep them as the current user.
-  if (Deno.uid() === 0) {
-    const text = await Deno.readTextFile(conf);
-    await Deno.writeTextFile(conf, `user root;\n${text}`);
-  }
-  const child = new Deno.Command("/usr/sbin/nginx", {
-    args: ["-p", prefix, "-c", conf, "-g", "daemon off;"],
-    stdin: "null",
-    stdout: "null",
-    stderr: "inherit",
-  }).spawn();
-  const base = `http://127.0.0.1:${port}`;
-  await waitForHttp(`${base}/nix-cache-info`);
-  log(`nginx (pid ${child.pid}) serving ${root} on ${base}`);
-  return {
-    name: "nginx",
-    base,
-    async stop() {
-      child.kill("SIGTERM");
-      await child.status;
-    },
-  };
 }
 
 async function startArca(
@@ -352,7 +296,8 @@ async function main(): Promise<void> {
     });
     await run(Deno.execPath(), arcaArgs([...common, "import", mixed.storePath], arcaMain), { env });
 
-    const nginx = await startNginx(nixCache, scratch);
+    // No access log: the narinfo rate is the measure.
+    const nginx = await startNginx(nixCache, scratch, { accessLog: false, log });
     servers.push(nginx);
     const arca = await startArca(arcaCache, benchEnv(scratch), arcaMain);
     servers.push(arca);

@@ -605,7 +605,6 @@ export class Cache {
     range: { start: number; end: number } = { start: 0, end: manifest.fileSize },
   ): ReadableStream<Uint8Array> {
     const { paths, cPaths } = this.#chunkPathsOf(manifest);
-    const lib = loadLibc();
     const entries = manifest.chunks;
     let index = 0;
     let chunkStart = 0;
@@ -639,14 +638,10 @@ export class Cache {
           const from = Math.max(range.start - chunkStart, 0);
           const to = Math.min(range.end - chunkStart, entry.storedSize);
           if (from === 0 && to === entry.storedSize) {
-            const target = piece.subarray(offset, offset + to);
-            // libc is ~3 µs a file cheaper than Deno's API; Deno's says what is wrong.
-            if (lib === null || !readWholeFileSync(lib, cPaths[index], target)) {
-              readChunkFileSync(path, entry, target);
-            }
+            readChunkFileSync(path, entry, piece.subarray(offset, offset + to), cPaths[index]);
           } else {
             const whole = new Uint8Array(entry.storedSize);
-            readChunkFileSync(path, entry, whole);
+            readChunkFileSync(path, entry, whole, cPaths[index]);
             piece.set(whole.subarray(from, to), offset);
           }
           offset += to - from;
@@ -668,14 +663,11 @@ export class Cache {
       throw new RangeError(`NAR file of ${manifest.fileSize} bytes is not small`);
     }
     const { paths, cPaths } = this.#chunkPathsOf(manifest);
-    const lib = loadLibc();
     const body = new Uint8Array(manifest.fileSize);
     let offset = 0;
     manifest.chunks.forEach((entry, index) => {
       const target = body.subarray(offset, offset + entry.storedSize);
-      if (lib === null || !readWholeFileSync(lib, cPaths[index], target)) {
-        readChunkFileSync(paths[index], entry, target);
-      }
+      readChunkFileSync(paths[index], entry, target, cPaths[index]);
       offset += entry.storedSize;
     });
     return body;
@@ -749,9 +741,17 @@ export class Cache {
 /**
  * Reads a chunk file, which must be exactly `target.length` (its manifest's storedSize)
  * bytes long, into `target`. NotFoundError when it is absent, IntegrityError when it has
- * another size.
+ * another size. With `cPath` (the path NUL-terminated), through libc where it can: ~3 µs a
+ * file cheaper than Deno's API, which still says what is wrong when libc's read fails.
  */
-function readChunkFileSync(path: string, entry: ManifestEntry, target: Uint8Array): void {
+function readChunkFileSync(
+  path: string,
+  entry: ManifestEntry,
+  target: Uint8Array,
+  cPath?: Uint8Array,
+): void {
+  const lib = cPath === undefined ? null : loadLibc();
+  if (lib !== null && readWholeFileSync(lib, cPath!, target)) return;
   let file: Deno.FsFile;
   try {
     file = Deno.openSync(path, { read: true });

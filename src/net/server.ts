@@ -16,8 +16,12 @@
  * NarSize (the encoding this node serves before it holds the NAR), with the origin's
  * signatures. That URL keeps working once the path is local (Nix caches narinfos): a
  * `.nar` URL not found by FileHash is looked up by NarHash and served decompressed. A NAR
- * streamed from a source passes through {@link verifyNarStream}, so a wrong NAR is never a
- * complete 200 body.
+ * streamed from a source passes through {@link verifyNarStream} (or the source checks it
+ * itself, {@link PathSource.checksNars}), so a wrong NAR is never a complete 200 body. A
+ * source that can pass the origin's zstd file through ({@link PathSource.openFile}) has it
+ * named instead (`Compression: zstd`, `nar/<nix32 FileHash>.nar.zst`, checked against
+ * FileHash and FileSize as it streams); that URL too serves the local copy later, also
+ * after a restart (`<cacheDir>/nar-aliases/`).
  *
  * Request paths are read raw (before URL normalization) and must consist of the few
  * characters these routes use: anything with `..`, `//`, `%`, NUL, a backslash or over
@@ -28,6 +32,7 @@
  */
 
 import { addSignature, type Cache, PIECE_BYTES, type StoredNar } from "../cache/cache.ts";
+import type { Manifest } from "../cache/manifest.ts";
 import { narFileExtension } from "../cache/compression.ts";
 import {
   ArcaError,
@@ -301,13 +306,11 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     if (entry !== undefined && narHashPart(entry.path.narHash) !== nix32) entry = undefined;
     // A path fetched earlier (or imported since) is served from here.
     const localHashPart = entry?.hashPart ?? await narHashIndex.find(narHash);
-    if (localHashPart !== undefined) {
-      const found = await cache.narOfPath(localHashPart);
-      if (found !== null && narHashPart(found.record.narInfo.narHash) === nix32) {
-        const { manifest, record } = await storedNarOrThrow(found);
-        if (request.method === "GET") recorder.record(record);
-        return narResponse(request, manifest.narSize, () => cache.openNar(manifest), "local");
-      }
+    const here = localHashPart === undefined
+      ? null
+      : await localNar(localHashPart, narHash, request);
+    if (here !== null) {
+      return narResponse(request, here.narSize, () => cache.openNar(here), "local");
     }
     for (const source of options.sources ?? []) {
       if (entry !== undefined) break;
@@ -336,7 +339,15 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
    * frames; it does not check FileHash). Null when no source path has this file.
    */
   async function narFromSourceFile(nix32: string, request: Request): Promise<Response | null> {
-    const entry = fromSources.get(nix32) ?? await entryFromAlias(nix32);
+    let entry = fromSources.get(nix32);
+    if (entry === undefined) {
+      // A URL this process served no narinfo for (it restarted; Nix kept the narinfo).
+      const hashPart = await aliases.get(nix32);
+      if (hashPart === null) return null;
+      const here = await localAsZstd(hashPart, undefined, request);
+      if (here !== null) return here;
+      entry = await entryOfFile(hashPart, nix32);
+    }
     if (entry === undefined || entry.path.file === undefined) return null;
     if (narHashPart(entry.path.file.fileHash) !== nix32) return null;
     const { hashPart, path, source } = entry;
@@ -368,23 +379,8 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     return narResponse(request, fileSize, () => body, source.kind);
   }
 
-  /**
-   * A passed-through file's URL this process has not served a narinfo for (it restarted,
-   * and Nix kept the narinfo): the path the alias names, if local (any NarHash), or as a
-   * source that passes the same file through has it now.
-   */
-  async function entryFromAlias(nix32: string): Promise<SourceEntry | undefined> {
-    const hashPart = await aliases.get(nix32);
-    if (hashPart === null) return undefined;
-    const stored = await cache.getPath(hashPart);
-    if (stored !== null) {
-      // Served from here (whatever the sources are now); its NarHash is the local one.
-      return {
-        hashPart,
-        source: LOCAL_ONLY,
-        path: { ...stored.narInfo, file: { fileHash: `sha256:${nix32}`, fileSize: 0 } },
-      };
-    }
+  /** The path `hashPart` from a source that passes the file `nix32` through now, if any. */
+  async function entryOfFile(hashPart: string, nix32: string): Promise<SourceEntry | undefined> {
     for (const source of options.sources ?? []) {
       if (source.openFile === undefined) continue;
       const path = await source.lookup(hashPart).catch(() => null);
@@ -398,42 +394,48 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   }
 
   /**
-   * The local copy of a path with this NarHash, as a zstd file (what a passed-through
-   * file's narinfo promised); null when the path is not here.
+   * The manifest of local path `hashPart` (with this NarHash, when given), every chunk
+   * present, its GET recorded; null when the path is not here.
    */
-  async function localAsZstd(
+  async function localNar(
     hashPart: string,
-    narHash: string,
+    narHash: string | undefined,
     request: Request,
-  ): Promise<Response | null> {
+  ): Promise<Manifest | null> {
     const stored = await cache.narOfPath(hashPart);
     if (
-      stored === null || narHashPart(stored.record.narInfo.narHash) !== narHashPart(narHash)
+      stored === null ||
+      (narHash !== undefined &&
+        narHashPart(stored.record.narInfo.narHash) !== narHashPart(narHash))
     ) {
       return null;
     }
     const { manifest, record } = await storedNarOrThrow(stored);
     if (request.method === "GET") recorder.record(record);
-    // The narinfo said zstd: a copy stored otherwise is sent as a zstd frame of raw
-    // (uncompressed) blocks of its NAR.
-    const asZstd = manifest.compression === "zstd";
-    const response = new Response(
-      request.method === "HEAD"
-        ? null
-        : asZstd
-        ? cache.openStoredNar(manifest)
-        : cache.openNar(manifest).pipeThrough(rawZstdFrame(manifest.narSize)),
-      {
-        headers: {
-          "content-type": "application/x-nix-nar",
-          "content-length": String(
-            asZstd ? manifest.fileSize : rawZstdFrameSize(manifest.narSize),
-          ),
-        },
-      },
+    return manifest;
+  }
+
+  /**
+   * The local copy of a path (with this NarHash, when given) as a zstd file, what a
+   * passed-through file's narinfo promised: a copy stored otherwise is sent as a zstd frame
+   * of raw (uncompressed) blocks of its NAR. Null when the path is not here.
+   */
+  async function localAsZstd(
+    hashPart: string,
+    narHash: string | undefined,
+    request: Request,
+  ): Promise<Response | null> {
+    const manifest = await localNar(hashPart, narHash, request);
+    if (manifest === null) return null;
+    if (manifest.compression === "zstd") {
+      return narResponse(request, manifest.fileSize, () => cache.openStoredNar(manifest), "local");
+    }
+    return narResponse(
+      request,
+      rawZstdFrameSize(manifest.narSize),
+      () => cache.openNar(manifest).pipeThrough(rawZstdFrame(manifest.narSize)),
+      "local",
     );
-    hitSources.set(response, "local");
-    return response;
   }
 
   function narResponse(
@@ -760,13 +762,6 @@ function rawZstdFrame(size: number): TransformStream<Uint8Array, Uint8Array> {
     },
   });
 }
-
-/** The source of an alias whose path is local: it has nothing else to give. */
-const LOCAL_ONLY: PathSource = {
-  kind: "upstream",
-  lookup: () => Promise.resolve(null),
-  openNar: () => Promise.reject(new NotFoundError("Not from a source")),
-};
 
 /** Limits of the handler's memory of paths served from sources. */
 const SOURCE_ENTRY_LIMITS = { maxEntries: 65536, maxWeight: 65536 };
