@@ -28,43 +28,76 @@ export interface NarClaims {
 }
 
 /**
- * A transform that passes a NAR through while checking it against `claims`; the final
- * piece is released only if the NAR is right. Errors with {@link IntegrityError} as soon
- * as more than NarSize bytes arrive, and at the end on a hash or size mismatch.
+ * Checks a NAR (or NAR file) fed piece by piece against `claims`: {@link NarCheck.update}
+ * throws {@link IntegrityError} as soon as more than the claimed size has come, and
+ * {@link NarCheck.finish} on a size or hash mismatch at the end.
+ */
+export class NarCheck {
+  #expected: string;
+  #claims: NarClaims;
+  #hasher = new Sha256Stream();
+
+  constructor(claims: NarClaims) {
+    this.#expected = formatBase16(parseNixHash(claims.narHash));
+    this.#claims = claims;
+  }
+
+  /** Feeds a piece; throws once the input is longer than claimed. */
+  update(piece: Uint8Array): void {
+    this.#hasher.update(piece);
+    if (this.#hasher.byteLength > this.#claims.narSize) {
+      throw new IntegrityError(
+        `${this.#name} is longer than its ${this.#names[1]} ${this.#claims.narSize}: refused`,
+      );
+    }
+  }
+
+  /** Throws unless everything fed has the claimed size and hash. */
+  finish(): void {
+    const claims = this.#claims;
+    const [hashName, sizeName] = this.#names;
+    const size = this.#hasher.byteLength;
+    if (size !== claims.narSize) {
+      throw new IntegrityError(
+        `${this.#name} has ${size} bytes, its ${sizeName} is ${claims.narSize}: refused`,
+      );
+    }
+    const actual = this.#hasher.digest();
+    if (formatBase16(actual) !== this.#expected) {
+      throw new IntegrityError(
+        `${this.#name} hashes to ${
+          formatNixHash(actual)
+        }, its ${hashName} is ${claims.narHash}: refused`,
+      );
+    }
+  }
+
+  get #name(): string {
+    return this.#claims.name ?? "NAR";
+  }
+
+  get #names(): [string, string] {
+    return this.#claims.file ? ["FileHash", "FileSize"] : ["NarHash", "NarSize"];
+  }
+}
+
+/**
+ * A transform that passes a NAR through while checking it against `claims` ({@link NarCheck});
+ * the final piece is released only if the NAR is right. Errors with {@link IntegrityError}
+ * as soon as more than NarSize bytes arrive, and at the end on a hash or size mismatch.
  */
 export function verifyNarStream(claims: NarClaims): TransformStream<Uint8Array, Uint8Array> {
-  const expected = formatBase16(parseNixHash(claims.narHash));
-  const name = claims.name ?? "NAR";
-  const [hashName, sizeName] = claims.file ? ["FileHash", "FileSize"] : ["NarHash", "NarSize"];
-  const hasher = new Sha256Stream();
+  const check = new NarCheck(claims);
   let held: Uint8Array | null = null;
   return new TransformStream<Uint8Array, Uint8Array>({
     transform(piece, controller) {
       if (piece.length === 0) return;
-      hasher.update(piece);
-      if (hasher.byteLength > claims.narSize) {
-        throw new IntegrityError(
-          `${name} is longer than its ${sizeName} ${claims.narSize}: refused`,
-        );
-      }
+      check.update(piece);
       if (held !== null) controller.enqueue(held);
       held = piece;
     },
     flush(controller) {
-      const size = hasher.byteLength;
-      if (size !== claims.narSize) {
-        throw new IntegrityError(
-          `${name} has ${size} bytes, its ${sizeName} is ${claims.narSize}: refused`,
-        );
-      }
-      const actual = hasher.digest();
-      if (formatBase16(actual) !== expected) {
-        throw new IntegrityError(
-          `${name} hashes to ${
-            formatNixHash(actual)
-          }, its ${hashName} is ${claims.narHash}: refused`,
-        );
-      }
+      check.finish();
       if (held !== null) controller.enqueue(held);
     },
   });

@@ -88,7 +88,8 @@ export interface PathSource {
   readonly kind: "peer" | "upstream";
   /**
    * True when {@link PathSource.openNar}'s stream checks the NAR itself (NarHash and
-   * NarSize, its last piece held back until then); otherwise the server does.
+   * NarSize, its last piece held back until then), and {@link PathSource.openFile}'s the
+   * file (FileHash and FileSize); otherwise the server does.
    */
   readonly checksNars?: boolean;
   /** The path with this hash part, or null when this source cannot deliver it now. */
@@ -368,7 +369,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       // Imported meanwhile, or gone: the local copy, or the NAR uncompressed.
       return await local();
     }
-    const body = file.pipeThrough(
+    const body = source.checksNars ? file : file.pipeThrough(
       verifyNarStream({
         narHash: fileHash,
         narSize: fileSize,

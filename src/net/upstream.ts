@@ -13,20 +13,26 @@
  * any stall of a body) or refuses connections is skipped for 30 s.
  *
  * {@link UpstreamSource.openNar} fetches the NAR file and decompresses it as a stream into a
- * {@link Spool} (in memory up to 8 MiB, else a file under `<cache-dir>/upstream-spool/`,
- * written asynchronously), keeping pace with its fastest reader (at most 4 MiB ahead). The
- * client reads the spool as it grows; so does any other request for the same NAR meanwhile,
- * each at its own pace: one path is fetched once, and no client waits for another. The clients come first: once the NAR is whole and
- * its readers are done (or 30 s later), {@link Cache.importNar} reads it from the spool (with
- * the upstream's references, deriver, CA and signatures, its NarHash and NarSize as claims,
- * the segment the configured filters choose, audited as `Fetch` naming the upstream), and
- * the spool is removed. The import's chunking and compression would otherwise compete with
- * the clients' streams for the same cores (on two cores, importing while streaming made
- * `nix copy` through arca 1.6× slower; docs/BENCHMARKS.md). A client that goes away does
- * not stop the fetch, so the path becomes local all the same. An upstream that cuts the NAR
- * short, stalls or sends what does not decompress errors the clients' streams and stores
- * nothing; a NAR that does not match its NarHash never ends whole for a client (the server
- * checks it as it streams) and the import refuses it. `verify --repair`'s
+ * {@link Spool} (in memory up to 8 MiB, else a file under `<cache-dir>/upstream-spool/`),
+ * keeping pace with its fastest reader (at most 4 MiB ahead); {@link UpstreamSource.openFile}
+ * spools the upstream's zstd file as it is. The spool checks what it holds (NarHash and
+ * NarSize, or FileHash and FileSize) and keeps its last piece back until that passed, so a
+ * wrong NAR never ends whole for a client. The client reads the spool as it grows; so does
+ * any other request for the same NAR meanwhile, each at its own pace: one path is fetched
+ * once, and no client waits for another.
+ *
+ * The clients come first: once the NAR is whole, its readers are done and no client has
+ * read any spool of this source for {@link IMPORT_SETTLE_MS} (or 30 s later),
+ * {@link Cache.importNar} reads it from the spool (with the upstream's references, deriver,
+ * CA and signatures, its NarHash and NarSize as claims, the segment the configured filters
+ * choose, audited as `Fetch` naming the upstream), and the spool is removed. The import's
+ * chunking, compression and synced chunk files would otherwise compete with the clients for
+ * the same cores and disk: on two cores, importing while streaming made `nix copy` through
+ * arca 1.6× slower, and importing right after the last byte, while Nix still restores the
+ * path into its store (0.5–1.2 s for 256 MiB), 1.3× slower (docs/BENCHMARKS.md). A client
+ * that goes away does not stop the fetch, so the path becomes local all the same. An
+ * upstream that cuts the NAR short, stalls or sends what does not decompress or check errors
+ * the clients' streams and stores nothing.
  * {@link UpstreamSource.refetch} imports straight from the stream.
  * @module
  */
@@ -47,7 +53,8 @@ import { segmentFor } from "../cache/segments.ts";
 import { type PublicKey, validSignatureKeys } from "../cache/signing.ts";
 import { parseStorePath } from "../cache/store_path.ts";
 import { parseUpstreamUrl, type SegmentConfig } from "../config.ts";
-import { IntegrityError, NotFoundError } from "../errors.ts";
+import { NotFoundError } from "../errors.ts";
+import { NarCheck } from "../cache/verified_nar.ts";
 import type { PathSource, SourcePath } from "./server.ts";
 
 /** One upstream cache. */
@@ -132,6 +139,8 @@ class UpstreamFailure extends Error {
  */
 export class UpstreamSource implements PathSource {
   readonly kind = "upstream";
+  /** What it streams comes from a spool that checked it (or from the cache). */
+  readonly checksNars = true;
   #cache: Cache;
   #upstreams: readonly Upstream[];
   #compression: ChunkCompression;
@@ -149,6 +158,8 @@ export class UpstreamSource implements PathSource {
   #downUntil = new Map<string, number>();
   /** Fetches in flight (until imported), by hash part. */
   #fetches = new Map<string, FetchJob>();
+  /** Spools not discarded yet: their readers are the clients an import waits for. */
+  #spools = new Set<Spool>();
   #closed = false;
   #spoolSwept = false;
 
@@ -288,6 +299,21 @@ export class UpstreamSource implements PathSource {
     await job.spool;
     await job.done;
     return found.upstream.url;
+  }
+
+  /**
+   * Resolves once no spool of this source has had a reader for {@link IMPORT_SETTLE_MS}
+   * (checked every {@link SETTLE_POLL_MS}), at `deadline`, or at once when closing.
+   */
+  async #settled(deadline: number): Promise<void> {
+    let quietSince = Date.now();
+    while (!this.#closed && Date.now() < deadline) {
+      let readers = 0;
+      for (const spool of this.#spools) readers += spool.readers;
+      if (readers > 0) quietSince = Date.now();
+      else if (Date.now() - quietSince >= IMPORT_SETTLE_MS) return;
+      await new Promise((resolve) => setTimeout(resolve, SETTLE_POLL_MS));
+    }
   }
 
   /** Resolves when no import is in flight (each settled, whatever its outcome). */
@@ -554,10 +580,18 @@ export class UpstreamSource implements PathSource {
       const decompress = (stream: ReadableStream<Uint8Array>) =>
         stream.pipeThrough(decompressStream(found.compression, { maxOutputBytes: path.narSize }));
       // Raw: the spool keeps the upstream's file (what the clients get); else the NAR.
-      // Its FileSize is not signed: more bytes than it says are refused, not spooled.
-      const nar = raw
-        ? body.pipeThrough(atMost(path.file!.fileSize, `${what}'s file`))
-        : decompress(body);
+      // The spool checks it as it fills; a FileSize (not signed) exceeded ends the fetch.
+      const nar = raw ? body : decompress(body);
+      const check = new NarCheck(
+        raw
+          ? {
+            narHash: path.file!.fileHash,
+            narSize: path.file!.fileSize,
+            name: `${what}'s file`,
+            file: true,
+          }
+          : { narHash: path.narHash, narSize: path.narSize, name: what },
+      );
       const importNar = (stream: ReadableStream<Uint8Array>) =>
         this.#cache.importNar(stream, meta, {
           compression: this.#compression,
@@ -580,13 +614,17 @@ export class UpstreamSource implements PathSource {
           throw error;
         }
         spool = created;
+        this.#spools.add(created);
         importing = (async () => {
           try {
-            await created.fill(nar);
+            await created.fill(nar, check);
             // The clients first: the import (chunking, compression) waits for its readers.
+            const deadline = Date.now() + IMPORT_WAIT_MS;
             await created.unread(IMPORT_WAIT_MS);
+            await this.#settled(deadline);
             return await importNar(raw ? decompress(created.reader()) : created.reader());
           } finally {
+            this.#spools.delete(created);
             await created.discard();
           }
         })();
@@ -637,20 +675,6 @@ function narInfoOf(path: SourcePath): NarInfo {
     references: path.references,
     sigs: path.sigs,
   };
-}
-
-/** A pass-through that errors once more than `limit` bytes (a FileSize) have come. */
-function atMost(limit: number, what: string): TransformStream<Uint8Array, Uint8Array> {
-  let seen = 0;
-  return new TransformStream({
-    transform(piece, controller) {
-      seen += piece.length;
-      if (seen > limit) {
-        throw new IntegrityError(`${what} is longer than its FileSize ${limit}: refused`);
-      }
-      controller.enqueue(piece);
-    },
-  });
 }
 
 /** True when two SHA-256 hashes (any form) are the same. */
@@ -714,8 +738,6 @@ export function stallGuard(
 
 /** NARs up to this size are spooled in memory, larger ones in a file. */
 const MEMORY_SPOOL_BYTES = 8 * 1024 * 1024;
-/** Bytes of spool writes in flight before {@link Spool.append} waits. */
-const SPOOL_WRITE_BYTES = 8 * 1024 * 1024;
 /** The newest bytes of a file spool kept in memory too, for readers that keep up. */
 const RECENT_BYTES = 8 * 1024 * 1024;
 /**
@@ -728,14 +750,20 @@ const AHEAD_BYTES = 4 * 1024 * 1024;
 const PACE_PATIENCE_MS = 5_000;
 /** Spool files older than this are left from a crash. */
 const STALE_SPOOL_MS = 24 * 3_600_000;
-/** The longest an import waits for the clients still reading its spool. */
+/** The longest an import waits for the clients still reading its spool (or any spool). */
 const IMPORT_WAIT_MS = 30_000;
+/**
+ * How long no client must have read a spool before an import starts: Nix is still
+ * restoring the path it just received (docs/BENCHMARKS.md, "Pull-through").
+ */
+const IMPORT_SETTLE_MS = 1_000;
+const SETTLE_POLL_MS = 50;
 
 /**
  * A NAR fetched from an upstream, kept while clients read it and until its import did:
- * in memory when small, else in a file of the spool directory (written by a queue of
- * asynchronous writes with {@link SPOOL_WRITE_BYTES} in flight at most), whose newest
- * {@link RECENT_BYTES} stay in memory too. Any number of readers follow it as it grows
+ * in memory when small, else in a file of the spool directory (each piece written as it
+ * comes), whose newest {@link RECENT_BYTES} stay in memory too. {@link Spool.fill} can check
+ * what it spools (hash and size) and then holds the last piece back until it did. Any number of readers follow it as it grows
  * ({@link Spool.reader}), each at its own pace, from memory while they keep up and from the
  * file when they lag. The writer keeps at most {@link AHEAD_BYTES} ahead of the fastest
  * reader, so that a download keeps pace with its client rather than taking the CPU from it;
@@ -746,8 +774,6 @@ const IMPORT_WAIT_MS = 30_000;
 export class Spool {
   #path: string | null;
   #file: Deno.FsFile | null;
-  #writing: Promise<void> = Promise.resolve();
-  #inFlight = 0;
   /** Pieces in memory with their offsets: all of them, or (file spool) the newest. */
   #recent: { start: number; piece: Uint8Array }[] = [];
   #recentBytes = 0;
@@ -795,16 +821,24 @@ export class Spool {
    * Appends all of `source`, then marks the spool complete; on an error (the source's, or
    * a failed write), fails the spool (its readers error) and rethrows.
    */
-  async fill(source: ReadableStream<Uint8Array>): Promise<void> {
+  async fill(source: ReadableStream<Uint8Array>, check?: NarCheck): Promise<void> {
     const reader = source.getReader();
     try {
+      // With a check, the last piece waits for it: no reader ever ends with wrong bytes.
+      let held: Uint8Array | null = null;
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        await this.append(value);
+        if (check === undefined) {
+          await this.append(value);
+          continue;
+        }
+        check.update(value);
+        if (held !== null) await this.append(held);
+        held = value;
       }
-      await this.#writing;
-      if (this.#error !== undefined) throw this.#error;
+      check?.finish();
+      if (held !== null) await this.append(held);
       this.#file?.close();
       this.#file = null;
       this.#state = "complete";
@@ -817,31 +851,24 @@ export class Spool {
     }
   }
 
-  /** Appends a piece (not copied: it must not change); waits while too much is in flight. */
+  /**
+   * Appends a piece (not copied: it must not change), written to the file at once
+   * (synchronously: into the page cache, about 3× cheaper than asynchronous writes of the
+   * same pieces, docs/BENCHMARKS.md); waits while the spool is ahead of its readers.
+   */
   async append(piece: Uint8Array): Promise<void> {
     if (this.#error !== undefined) throw this.#error;
     if (piece.length === 0) return;
+    const file = this.#file;
+    if (file !== null) {
+      for (let at = 0; at < piece.length;) at += file.writeSync(piece.subarray(at));
+      this.#written += piece.length;
+    }
     this.#recent.push({ start: this.#appended, piece });
     this.#recentBytes += piece.length;
     this.#appended += piece.length;
+    if (file !== null) this.#trim();
     this.#notify();
-    const file = this.#file;
-    if (file === null) return;
-    this.#inFlight += piece.length;
-    this.#writing = this.#writing.then(async () => {
-      if (this.#error !== undefined) return;
-      try {
-        for (let at = 0; at < piece.length;) at += await file.write(piece.subarray(at));
-        this.#written += piece.length;
-        this.#trim();
-      } catch (error) {
-        this.#error = error;
-      } finally {
-        this.#inFlight -= piece.length;
-      }
-    });
-    if (this.#inFlight > SPOOL_WRITE_BYTES) await this.#writing;
-    if (this.#error !== undefined) throw this.#error;
     while (!this.#unpaced && this.#appended - this.#fastestReader() > AHEAD_BYTES) {
       let timer: ReturnType<typeof setTimeout> | undefined;
       const moved = await Promise.race([
@@ -980,7 +1007,6 @@ export class Spool {
     if (this.#state === "filling") this.#fail(new Error("The spool was discarded"));
     else if (this.#state === "complete") this.#state = "discarded";
     this.#notify();
-    await this.#writing;
     try {
       this.#file?.close();
     } catch { /* closed */ }
