@@ -6,13 +6,15 @@
  *
  * The path is the mixed-content path of DESIGN.md §8 (bench/common.ts `ensureMixedPath`,
  * `--size-mib`, default 256 MiB; reused when already in the store). The upstream is a cache
- * Nix wrote itself (`nix copy --to 'file://<dir>?compression=zstd&secret-key=<key>'`, key from
+ * Nix wrote itself (`nix copy --to 'file://<dir>?compression=zstd&secret-key=<key>'`, or the
+ * `--compression` given: xz is what cache.nixos.org serves; key from
  * `nix key generate-secret`), served by nginx (`/usr/sbin/nginx`, bench/common.ts
  * `startNginx`: sendfile, `worker_processes auto`). Each round, in alternating order:
  * - direct: `nix copy --from <nginx> --to <fresh store> --option trusted-public-keys <pub>`;
  * - cold: a fresh `arca --cache-dir <fresh> serve --upstream <nginx> --trusted-public-key <pub>`,
- *   then `nix copy --from <arca> --to <fresh store> …` (arca fetches the zstd NAR from nginx,
- *   decompresses it and streams it to Nix uncompressed while chunking and storing it);
+ *   then `nix copy --from <arca> --to <fresh store> …` (arca passes a zstd upstream's file
+ *   through as it is; an xz one it decompresses and streams to Nix uncompressed; either is
+ *   chunked and stored once Nix is done);
  *   the time until arca holds the path (its narinfo is served from the cache, compressed) is
  *   reported too;
  * - warm: `nix copy --from <the same arca> --to <fresh store> …`, now served from its chunks.
@@ -23,7 +25,8 @@
  * RSS, nix's CPU seconds, and the load average at the start and the end (the machine is
  * shared).
  *
- * Usage: `deno run -A bench/upstream.ts [--size-mib 256] [--runs 3] [--keep] [--main <main.ts>]`
+ * Usage: `deno run -A bench/upstream.ts [--size-mib 256] [--runs 3] [--compression zstd|xz|none]
+ * [--keep] [--main <main.ts>]`
  * @module
  */
 
@@ -128,7 +131,16 @@ async function untilLocal(
 }
 
 async function main(): Promise<void> {
-  const flags = parseFlags(Deno.args, { sizeMib: 256, runs: 3, keep: false, main: "" });
+  const flags = parseFlags(Deno.args, {
+    sizeMib: 256,
+    runs: 3,
+    keep: false,
+    main: "",
+    compression: "zstd",
+  });
+  if (!["zstd", "xz", "none"].includes(flags.compression)) {
+    throw new Error(`--compression must be zstd, xz or none, not ${flags.compression}`);
+  }
   const arcaMain = resolveMain(flags.main);
   const machine = await machineInfo();
   const loadAtStart = loadAverage();
@@ -156,12 +168,14 @@ async function main(): Promise<void> {
     await writer.close();
     const publicKey = new TextDecoder().decode((await converted.output()).stdout).trim();
     const upstreamDir = `${scratch}/upstream`;
-    log(`nix copy --to file://${upstreamDir}?compression=zstd&secret-key=… (signed)`);
+    log(
+      `nix copy --to file://${upstreamDir}?compression=${flags.compression}&secret-key=… (signed)`,
+    );
     await warmPageCache(mixed.storePath, env);
     await run("nix", [
       "copy",
       "--to",
-      `file://${upstreamDir}?compression=zstd&secret-key=${keyFile}`,
+      `file://${upstreamDir}?compression=${flags.compression}&secret-key=${keyFile}`,
       mixed.storePath,
     ], { env });
     nginx = await startNginx(upstreamDir, scratch, { log });
@@ -236,7 +250,7 @@ async function main(): Promise<void> {
       )}; load average at start ${loadAtStart}, at end ${loadAverage()}`,
     );
     console.log(
-      `upstream: nix copy --to file://…?compression=zstd (signed), served by nginx; ` +
+      `upstream: nix copy --to file://…?compression=${flags.compression} (signed), served by nginx; ` +
         `median of ${flags.runs} rounds (direct first in odd rounds, last in even ones); ` +
         `ratios: medians of per-round direct s / arca s\n`,
     );
