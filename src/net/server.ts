@@ -18,10 +18,10 @@
  * `.nar` URL not found by FileHash is looked up by NarHash and served decompressed. A NAR
  * streamed from a source passes through {@link verifyNarStream} (or the source checks it
  * itself, {@link PathSource.checksNars}), so a wrong NAR is never a complete 200 body. A
- * source that can pass the origin's zstd file through ({@link PathSource.openFile}) has it
- * named instead (`Compression: zstd`, `nar/<nix32 FileHash>.nar.zst`, checked against
- * FileHash and FileSize as it streams); that URL too serves the local copy later, also
- * after a restart (`<cacheDir>/nar-aliases/`).
+ * source that can pass the origin's zstd or xz file through ({@link PathSource.openFile})
+ * has it named instead (`Compression: zstd|xz`, `nar/<nix32 FileHash>.nar.zst|.nar.xz`,
+ * checked against FileHash and FileSize as it streams); that URL too serves the local copy
+ * later, in that compression, also after a restart (`<cacheDir>/nar-aliases/`).
  *
  * Request paths are read raw (before URL normalization) and must consist of the few
  * characters these routes use: anything with `..`, `//`, `%`, NUL, a backslash or over
@@ -58,6 +58,12 @@ import type { NarInfo } from "../cache/narinfo.ts";
 import { encodeNixBase32 } from "../cache/nixbase32.ts";
 import { formatNixHash, parseNixHash } from "../cache/hash.ts";
 import { verifyNarStream } from "../cache/verified_nar.ts";
+import {
+  rawXzStream,
+  rawXzStreamSize,
+  rawZstdFrame,
+  rawZstdFrameSize,
+} from "../cache/raw_containers.ts";
 
 /** What a {@link PathSource} knows of a path this cache lacks: its signed metadata. */
 export interface SourcePath {
@@ -71,12 +77,15 @@ export interface SourcePath {
   ca?: string;
   sigs: string[];
   /**
-   * The origin's zstd NAR file, when the source can pass it through unchanged
-   * ({@link PathSource.openFile}): the narinfo then names it (`Compression: zstd`, its
-   * FileHash and FileSize) and the server checks it against them as it streams.
+   * The origin's zstd or xz NAR file, when the source can pass it through unchanged
+   * ({@link PathSource.openFile}): the narinfo then names it (its Compression, FileHash and
+   * FileSize) and it is checked against them as it streams.
    */
-  file?: { fileHash: string; fileSize: number };
+  file?: { fileHash: string; fileSize: number; compression: PassedCompression };
 }
+
+/** Compressions a source's file may be passed through in. */
+export type PassedCompression = "zstd" | "xz";
 
 /**
  * Where paths this cache does not hold come from: swarm peers, upstream caches.
@@ -288,7 +297,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       const narInfo = sourceNarInfo(path, source.openFile !== undefined);
       if (options.signingKey !== undefined) addSignature(narInfo, options.signingKey);
       fromSources.set(narHashPart(narInfo.narHash), { hashPart, path, source });
-      if (narInfo.compression === "zstd") {
+      if (narInfo.compression !== "none") {
         fromSources.set(narHashPart(narInfo.fileHash!), { hashPart, path, source });
       }
       const body = new TextEncoder().encode(formatNarInfo(narInfo));
@@ -334,27 +343,33 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   }
 
   /**
-   * A `.nar.zst` URL that is no FileHash here: the origin's file of a path served from a
-   * source ({@link SourcePath.file}), passed through and checked against its FileHash and
-   * FileSize; once the path is local, its NAR as stored here (Nix decompresses any zstd
-   * frames; it does not check FileHash). Null when no source path has this file.
+   * A `.nar.zst` or `.nar.xz` URL that is no FileHash here: the origin's file of a path
+   * served from a source ({@link SourcePath.file}), passed through and checked against its
+   * FileHash and FileSize; once the path is local, its NAR as stored here, in that
+   * compression (Nix decompresses any concatenation of zstd frames or xz streams; it does
+   * not check FileHash). Null when no source path has this file.
    */
-  async function narFromSourceFile(nix32: string, request: Request): Promise<Response | null> {
+  async function narFromSourceFile(
+    nix32: string,
+    compression: PassedCompression,
+    request: Request,
+  ): Promise<Response | null> {
     let entry = fromSources.get(nix32);
     if (entry === undefined) {
       // A URL this process served no narinfo for (it restarted; Nix kept the narinfo).
       const hashPart = await aliases.get(nix32);
       if (hashPart === null) return null;
-      const here = await localAsZstd(hashPart, undefined, request);
+      const here = await localAs(compression, hashPart, undefined, request);
       if (here !== null) return here;
       entry = await entryOfFile(hashPart, nix32);
     }
     if (entry === undefined || entry.path.file === undefined) return null;
     if (narHashPart(entry.path.file.fileHash) !== nix32) return null;
+    if (entry.path.file.compression !== compression) return null;
     const { hashPart, path, source } = entry;
     const { fileHash, fileSize } = entry.path.file;
     await aliases.remember(nix32, hashPart);
-    const local = () => localAsZstd(hashPart, path.narHash, request);
+    const local = () => localAs(compression, hashPart, path.narHash, request);
     const here = await local();
     if (here !== null) return here;
     if (source.openFile === undefined) return null;
@@ -417,24 +432,29 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   }
 
   /**
-   * The local copy of a path (with this NarHash, when given) as a zstd file, what a
-   * passed-through file's narinfo promised: a copy stored otherwise is sent as a zstd frame
-   * of raw (uncompressed) blocks of its NAR. Null when the path is not here.
+   * The local copy of a path (with this NarHash, when given) as a zstd or xz file, what a
+   * passed-through file's narinfo promised: a copy stored otherwise is sent as one zstd
+   * frame of raw blocks or one xz stream of uncompressed LZMA2 chunks of its NAR
+   * (src/cache/raw_containers.ts). Null when the path is not here.
    */
-  async function localAsZstd(
+  async function localAs(
+    compression: PassedCompression,
     hashPart: string,
     narHash: string | undefined,
     request: Request,
   ): Promise<Response | null> {
     const manifest = await localNar(hashPart, narHash, request);
     if (manifest === null) return null;
-    if (manifest.compression === "zstd") {
+    if (manifest.compression === compression) {
       return narResponse(request, manifest.fileSize, () => cache.openStoredNar(manifest), "local");
     }
+    const [size, wrap] = compression === "zstd"
+      ? [rawZstdFrameSize, rawZstdFrame]
+      : [rawXzStreamSize, rawXzStream];
     return narResponse(
       request,
-      rawZstdFrameSize(manifest.narSize),
-      () => cache.openNar(manifest).pipeThrough(rawZstdFrame(manifest.narSize)),
+      size(manifest.narSize),
+      () => cache.openNar(manifest).pipeThrough(wrap(manifest.narSize)),
       "local",
     );
   }
@@ -511,8 +531,12 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     }
     const found = await cache.findNar(`sha256:${match[1]}`);
     if (found === null && match[2] === "nar") return await narByNarHash(match[1], request);
-    if (found === null && match[2] === "nar.zst") {
-      const passed = await narFromSourceFile(match[1], request);
+    if (found === null && (match[2] === "nar.zst" || match[2] === "nar.xz")) {
+      const passed = await narFromSourceFile(
+        match[1],
+        match[2] === "nar.xz" ? "xz" : "zstd",
+        request,
+      );
       if (passed !== null) return passed;
     }
     if (found && narFileExtension(found.manifest.compression) !== match[2]) {
@@ -710,67 +734,13 @@ interface SourceEntry {
   source: PathSource;
 }
 
-/** Bytes of a raw zstd block at most (the frame's window is as large). */
-const RAW_BLOCK_BYTES = 128 * 1024;
-
-/** The length of {@link rawZstdFrame}'s output for `size` bytes. */
-function rawZstdFrameSize(size: number): number {
-  return 6 + size + 3 * Math.max(1, Math.ceil(size / RAW_BLOCK_BYTES));
-}
-
-/**
- * A transform that wraps exactly `size` bytes into one zstd frame of raw blocks (RFC 8878:
- * magic, a descriptor without content size or checksum, a 128 KiB window, then blocks of
- * up to 128 KiB, each with a 3-byte header): zstd any decoder reads, of a known length,
- * without compressing.
- */
-function rawZstdFrame(size: number): TransformStream<Uint8Array, Uint8Array> {
-  let left = size;
-  let block = new Uint8Array(3 + Math.min(RAW_BLOCK_BYTES, size));
-  let filled = 0;
-  const header = (length: number, last: boolean) => {
-    const value = (length << 3) | (last ? 1 : 0);
-    block[0] = value & 0xff;
-    block[1] = (value >> 8) & 0xff;
-    block[2] = (value >> 16) & 0xff;
-  };
-  return new TransformStream({
-    start(controller) {
-      controller.enqueue(new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38]));
-      if (size === 0) {
-        header(0, true);
-        controller.enqueue(block);
-      }
-    },
-    transform(piece, controller) {
-      if (piece.length > left) throw new IntegrityError("NAR is longer than its NarSize");
-      for (let at = 0; at < piece.length;) {
-        const take = Math.min(block.length - 3 - filled, piece.length - at);
-        block.set(piece.subarray(at, at + take), 3 + filled);
-        filled += take;
-        at += take;
-        left -= take;
-        if (filled === block.length - 3) {
-          header(filled, left === 0);
-          controller.enqueue(block);
-          block = new Uint8Array(3 + Math.min(RAW_BLOCK_BYTES, left));
-          filled = 0;
-        }
-      }
-    },
-    flush() {
-      if (left !== 0) throw new IntegrityError("NAR is shorter than its NarSize");
-    },
-  });
-}
-
 /** Limits of the handler's memory of paths served from sources. */
 const SOURCE_ENTRY_LIMITS = { maxEntries: 65536, maxWeight: 65536 };
 
 /**
  * The narinfo served for a path from a source: uncompressed, at `nar/<nix32 NarHash>.nar`;
  * or, when the source passes its file through (`passFile` and {@link SourcePath.file}), that
- * zstd file at `nar/<nix32 FileHash>.nar.zst`.
+ * zstd or xz file at `nar/<nix32 FileHash>.nar.zst` or `.nar.xz`.
  */
 export function sourceNarInfo(path: SourcePath, passFile = false): NarInfo {
   const narHash = formatNixHash(parseNixHash(path.narHash));
@@ -778,8 +748,8 @@ export function sourceNarInfo(path: SourcePath, passFile = false): NarInfo {
     const fileHash = formatNixHash(parseNixHash(path.file.fileHash));
     return {
       storePath: path.storePath,
-      url: `nar/${narHashPart(fileHash)}.nar.zst`,
-      compression: "zstd",
+      url: `nar/${narHashPart(fileHash)}.${narFileExtension(path.file.compression)}`,
+      compression: path.file.compression,
       fileHash,
       fileSize: path.file.fileSize,
       narHash,
@@ -849,7 +819,7 @@ class NarHashIndex {
 }
 
 /**
- * Which path a passed-through file's URL (`nar/<nix32 FileHash>.nar.zst`) belongs to, kept
+ * Which path a passed-through file's URL (`nar/<nix32 FileHash>.nar.zst|.xz`) belongs to, kept
  * on disk (`<cacheDir>/nar-aliases/<nix32 FileHash>` holds the hash part) so that the URL
  * outlives a restart: Nix keeps narinfos for weeks. One small file per file NAR served;
  * an alias whose path is gone leads to a 404.

@@ -15,7 +15,7 @@
  * {@link UpstreamSource.openNar} fetches the NAR file and decompresses it as a stream into a
  * {@link Spool} (in memory up to 8 MiB, else a file under `<cache-dir>/upstream-spool/`),
  * keeping pace with its fastest reader (at most 4 MiB ahead); {@link UpstreamSource.openFile}
- * spools the upstream's zstd file as it is. The spool checks what it holds (NarHash and
+ * spools the upstream's zstd or xz file as it is. The spool checks what it holds (NarHash and
  * NarSize, or FileHash and FileSize) and keeps its last piece back until that passed, so a
  * wrong NAR never ends whole for a client. The client reads the spool as it grows; so does
  * any other request for the same NAR meanwhile, each at its own pace: one path is fetched
@@ -120,7 +120,7 @@ interface Found {
 interface FetchJob {
   /** The spool its NAR goes to, once the upstream answered (null: fetched without one). */
   spool: Promise<Spool | null>;
-  /** The spool holds the upstream's (zstd) file, not the NAR. */
+  /** The spool holds the upstream's (zstd or xz) file, not the NAR. */
   raw: boolean;
   /** Settles with the import. */
   done: Promise<ImportResult>;
@@ -233,10 +233,10 @@ export class UpstreamSource implements PathSource {
   }
 
   /**
-   * The upstream's zstd file of a path whose lookup found one (`path.file`), streamed as it
-   * arrives (the server checks its FileHash and FileSize), while it is spooled and then
-   * decompressed into the cache like {@link UpstreamSource.openNar}'s. The path is served
-   * without arca decompressing, hashing and re-sending 2–3× the bytes. NotFoundError when
+   * The upstream's zstd or xz file of a path whose lookup found one (`path.file`), streamed
+   * as it arrives (checked against its FileHash and FileSize by the spool), while it is
+   * spooled and then decompressed into the cache like {@link UpstreamSource.openNar}'s. The
+   * path is served without arca decompressing, hashing and re-sending 2–5× the bytes. NotFoundError when
    * the path is local already or cannot be had from upstream (the server then serves the
    * local copy, or a 404).
    */
@@ -257,9 +257,9 @@ export class UpstreamSource implements PathSource {
     if (again !== undefined) return await join(again);
     if (
       found === null || !sameHash(found.path.narHash, path.narHash) ||
-      found.compression !== "zstd" || found.path.file === undefined
+      found.path.file === undefined || found.path.file.compression !== path.file?.compression
     ) {
-      throw new NotFoundError(`No upstream has the zstd file of ${path.storePath}`);
+      throw new NotFoundError(`No upstream has the file of ${path.storePath}`);
     }
     const job = this.#fetch(hashPart, found, fetchedMeta(found.path), {
       spool: true,
@@ -456,9 +456,10 @@ export class UpstreamSource implements PathSource {
         deriver: info.deriver,
         ca: info.ca,
         sigs: info.sigs,
-        // A zstd file can be passed through to Nix as it is (see openFile).
-        ...(compression === "zstd" && info.fileHash !== undefined && info.fileSize !== undefined
-          ? { file: { fileHash: info.fileHash, fileSize: info.fileSize } }
+        // A zstd or xz file can be passed through to Nix as it is (see openFile).
+        ...((compression === "zstd" || compression === "xz") && info.fileHash !== undefined &&
+            info.fileSize !== undefined
+          ? { file: { fileHash: info.fileHash, fileSize: info.fileSize, compression } }
           : {}),
       },
       upstream,

@@ -75,10 +75,16 @@ async function within<T>(ms: number, what: string, promise: Promise<T>): Promise
   }
 }
 
-async function nixCopy(from: string, to: string, key: string, paths: string[]) {
+async function nixCopy(
+  from: string,
+  to: string,
+  key: string,
+  paths: string[],
+  env: Record<string, string> = nixEnv(),
+) {
   return await new Deno.Command("nix", {
     args: ["copy", "--from", from, "--to", to, "--option", "trusted-public-keys", key, ...paths],
-    env: nixEnv(),
+    env,
     stdout: "piped",
     stderr: "piped",
   }).output();
@@ -167,9 +173,21 @@ Deno.test({
       assert.equal(infos.length, 3);
       assert.equal(await upstream.countMatching(/^\/nar\//), 0, "existence checks fetch no NAR");
 
-      // Substitution through arca.
+      // Substitution through arca: the upstream's xz files are passed through as they are.
+      for (const path of all) {
+        const info = parseNarInfo(
+          await (await fetch(`${arca.url}/${hashPartOf(path)}.narinfo`)).text(),
+        );
+        const upstreamInfo = parseNarInfo(
+          await Deno.readTextFile(`${upstreamDir}/${hashPartOf(path)}.narinfo`),
+        );
+        assert.equal(info.compression, "xz", path);
+        assert.equal(info.fileHash, upstreamInfo.fileHash, path);
+        assert.match(info.url, /^nar\/[0-9a-z]{52}\.nar\.xz$/);
+      }
       const store2 = `${home.dir}/store2`;
-      const copied = await nixCopy(arca.url, store2, key.pub, wanted);
+      const keptCache = nixEnv();
+      const copied = await nixCopy(arca.url, store2, key.pub, wanted, keptCache);
       assert.ok(copied.success, new TextDecoder().decode(copied.stderr));
       const source = await pathInfo(all);
       const got = await pathInfo(all, { store: store2 });
@@ -198,6 +216,15 @@ Deno.test({
         .flat().filter((event: { type: string }) => event.type === "Fetch");
       assert.deepEqual(fetched.map((e: { storePath: string }) => e.storePath).sort(), all.sort());
       assert.equal(await upstream.countMatching(/^\/nar\//), 3, "each NAR fetched once");
+
+      // Nix kept the narinfos naming the upstream's xz files: their URLs now serve arca's
+      // own (zstd) copies as xz, and Nix installs them.
+      const storeKept = `${home.dir}/store-kept`;
+      const kept = await nixCopy(arca.url, storeKept, key.pub, wanted, keptCache);
+      assert.ok(kept.success, new TextDecoder().decode(kept.stderr));
+      const gotKept = await pathInfo(all, { store: storeKept });
+      assert.deepEqual(gotKept.map(essentials), source.map(essentials));
+      assert.equal(await upstream.countMatching(/^\/nar\//), 3, "served from arca's copies");
 
       // A chunk damaged on disk: verify finds it, --repair refetches from the upstream.
       const chunk = await someChunkFile(home.cacheDir);

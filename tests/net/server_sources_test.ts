@@ -240,7 +240,7 @@ Deno.test("a source's zstd file is passed through as it is, checked, and its URL
     const nar = narOf(400_000, 12);
     const { path } = signedPath(storePath, nar);
     const file = compressChunk(nar, "zstd");
-    path.file = { fileHash: sha256Nix(file), fileSize: file.length };
+    path.file = { fileHash: sha256Nix(file), fileSize: file.length, compression: "zstd" };
     let corrupt = false;
     let opened = 0;
     const source: PathSource = {
@@ -289,15 +289,22 @@ Deno.test("a source's zstd file is passed through as it is, checked, and its URL
   }
 });
 
-Deno.test("a passed-through file's URL serves zstd also when the local copy is stored otherwise", async () => {
-  for (const compression of ["none", "xz"] as const) {
+Deno.test("a passed-through file's URL serves its compression also when the local copy is stored otherwise", async () => {
+  const cases = [
+    ["zstd", "none"],
+    ["zstd", "xz"],
+    ["xz", "none"],
+    ["xz", "zstd"],
+    ["xz", "xz"],
+  ] as const;
+  for (const [passed, compression] of cases) {
     const fixture = await makeCacheFixture();
     try {
-      const storePath = fakeStorePath(`passed-${compression}`);
+      const storePath = fakeStorePath(`passed-${passed}-${compression}`);
       const nar = narOf(300_000, 13);
       const { path } = signedPath(storePath, nar);
-      const file = compressChunk(nar, "zstd");
-      path.file = { fileHash: sha256Nix(file), fileSize: file.length };
+      const file = compressChunk(nar, passed);
+      path.file = { fileHash: sha256Nix(file), fileSize: file.length, compression: passed };
       const source: PathSource = {
         kind: "upstream",
         lookup: (hashPart) => Promise.resolve(hashPart === hashPartOf(storePath) ? path : null),
@@ -309,24 +316,34 @@ Deno.test("a passed-through file's URL serves zstd also when the local copy is s
         const info = parseNarInfo(
           await (await handler(new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`))).text(),
         );
-        assert.equal(info.compression, "zstd");
-        // Imported meanwhile, stored without zstd: Nix still decompresses what it gets as zstd.
+        assert.equal(info.compression, passed);
+        assert.equal(
+          info.url,
+          `nar/${info.fileHash!.slice("sha256:".length)}.nar.${passed === "xz" ? "xz" : "zst"}`,
+        );
+        const what = `passed as ${passed}, stored as ${compression}`;
+        const before = await handler(new Request(`${BASE}/${info.url}`));
+        assert.deepEqual(new Uint8Array(await before.arrayBuffer()), file, what);
+        // Imported meanwhile, stored otherwise: Nix still decompresses what it gets as promised.
         await importFixture(fixture.cache, nar, { storePath, compression });
         const local = await handler(new Request(`${BASE}/${info.url}`));
         assert.equal(local.status, 200);
         const sent = new Uint8Array(await local.arrayBuffer());
         assert.equal(local.headers.get("content-length"), String(sent.length));
-        const unpacked = ReadableStream.from([sent]).pipeThrough(decompressStream("zstd"));
-        assert.deepEqual(new Uint8Array(await new Response(unpacked).arrayBuffer()), nar);
-        // The zstd tool reads it too.
-        const child = new Deno.Command("zstd", { args: ["-dc"], stdin: "piped", stdout: "piped" })
-          .spawn();
+        const unpacked = ReadableStream.from([sent]).pipeThrough(decompressStream(passed));
+        assert.deepEqual(new Uint8Array(await new Response(unpacked).arrayBuffer()), nar, what);
+        // The zstd or xz tool reads it too.
+        const child = new Deno.Command(passed, {
+          args: ["-dc"],
+          stdin: "piped",
+          stdout: "piped",
+        }).spawn();
+        const output = child.output();
         const writer = child.stdin.getWriter();
         await writer.write(sent);
         await writer.close();
-        const output = await child.output();
-        assert.ok(output.success);
-        assert.deepEqual(output.stdout, nar);
+        assert.ok((await output).success, what);
+        assert.deepEqual((await output).stdout, nar, what);
         const head = await handler(new Request(`${BASE}/${info.url}`, { method: "HEAD" }));
         assert.equal(head.status, 200);
         assert.equal(head.headers.get("content-length"), String(sent.length));
@@ -349,7 +366,7 @@ Deno.test("a FileHash that is another path's NarHash does not take that path's N
     const pathX = signedPath(x.storePath, x.nar).path;
     const pathY = signedPath(y.storePath, y.nar).path;
     const yFile = compressChunk(y.nar, "zstd");
-    pathY.file = { fileHash: pathX.narHash, fileSize: yFile.length };
+    pathY.file = { fileHash: pathX.narHash, fileSize: yFile.length, compression: "zstd" };
     const byHashPart = new Map([
       [hashPartOf(x.storePath), { path: pathX, nar: x.nar }],
       [hashPartOf(y.storePath), { path: pathY, nar: y.nar }],
@@ -392,7 +409,7 @@ Deno.test("a passed-through file's URL outlives a restart, before and after the 
     const nar = narOf(300_000, 14);
     const { path } = signedPath(storePath, nar);
     const file = compressChunk(nar, "zstd");
-    path.file = { fileHash: sha256Nix(file), fileSize: file.length };
+    path.file = { fileHash: sha256Nix(file), fileSize: file.length, compression: "zstd" };
     let opened = 0;
     const source: PathSource = {
       kind: "upstream",
