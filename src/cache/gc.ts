@@ -13,7 +13,9 @@
  * 2. the sweep, holding the cache's writer lock exclusively (cache_lock.ts: no import or
  *    upload is between "chunk found present" and "narinfo committed"), lists the paths
  *    that exist NOW, and deletes every manifest and chunk none of them references.
- *    Staged uploads live apart (uploads/) and are discarded after a grace period.
+ *    Uploads live apart (uploads/): files whose narinfo never came are removed after a
+ *    grace period; accepted ones waiting for their import (uploads/pending/) keep what they
+ *    reference, also when accepted during the collection (both hold the writer lock).
  * A crash anywhere leaves at worst unreferenced files, which the next run sweeps; no
  * narinfo ever points at a missing chunk.
  * @module
@@ -26,6 +28,7 @@ import { parseNixHash } from "./hash.ts";
 import type { Manifest } from "./manifest.ts";
 import type { PathRecord } from "./metadata.ts";
 import { decodeNixBase32 } from "./nixbase32.ts";
+import { pendingReferences } from "./pending_records.ts";
 import { Pins } from "./pins.ts";
 import { parseStorePath, parseStorePathBaseName } from "./store_path.ts";
 
@@ -97,7 +100,9 @@ export async function collectGarbage(cache: Cache, options: GcOptions): Promise<
   for (const node of nodes.values()) liveBytes += addRefs(node.manifestKey, 1);
 
   const pinned = await new Pins(cache.cacheDir).all();
-  const keep = closureOf(nodes, new Set([...pinned, ...(options.keep ?? [])]));
+  // Accepted uploads not imported yet were accepted because their references are cached.
+  const pendingRefs = await pendingReferences(cache.cacheDir);
+  const keep = closureOf(nodes, new Set([...pinned, ...pendingRefs, ...(options.keep ?? [])]));
   const heap = new MinHeap<Node>((a, b) => a.lastUsed - b.lastUsed || (a.hash < b.hash ? -1 : 1));
   for (const node of nodes.values()) {
     if (node.referrers === 0 && !keep.has(node.hash)) heap.push(node);
@@ -138,9 +143,22 @@ export async function collectGarbage(cache: Cache, options: GcOptions): Promise<
     return report;
   }
 
-  for (const node of evicted) {
-    await cache.metadata.deletePath(node.hash);
-    await cache.accessTimes.remove(node.hash);
+  // Under the writer lock, which an upload holds from its reference check to its
+  // acceptance: the references of uploads accepted meanwhile stay too.
+  const deleted = await withSweepLock(cache.cacheDir, async () => {
+    const late = closureOf(nodes, await pendingReferences(cache.cacheDir));
+    const going = evicted.filter((node) => !late.has(node.hash));
+    for (const node of going) {
+      await cache.metadata.deletePath(node.hash);
+      await cache.accessTimes.remove(node.hash);
+    }
+    return going;
+  });
+  if (deleted.length < evicted.length) {
+    const kept = new Set(evicted.filter((node) => !deleted.includes(node)).map((n) => n.hash));
+    report.evicted = report.evicted.filter((e) => !kept.has(parseStorePath(e.storePath).hash));
+    report.remainingPaths += kept.size;
+    evicted.splice(0, evicted.length, ...deleted);
   }
   if (evicted.length > 0) {
     await cache.audit.append(evicted.map((node) => ({
@@ -237,15 +255,24 @@ async function sweep(cache: Cache, report: GcReport, graceMs: number): Promise<v
   await removeStaleStaging(join(cache.cacheDir, "uploads"), Date.now() - graceMs);
 }
 
+/**
+ * Removes what uploads left older than `cutoff`: staging directories of earlier versions
+ * (`staged-*`) and uploaded files whose narinfo never came (`incoming/`, after a crash).
+ */
 async function removeStaleStaging(dir: string, cutoff: number): Promise<void> {
+  const stale = async (path: string) => {
+    const info = await Deno.lstat(path).catch(() => null);
+    return info?.mtime !== null && info?.mtime !== undefined && info.mtime.getTime() < cutoff;
+  };
   try {
     for await (const entry of Deno.readDir(dir)) {
       if (!entry.isDirectory || !entry.name.startsWith("staged-")) continue;
       const path = join(dir, entry.name);
-      const info = await Deno.lstat(path).catch(() => null);
-      if (info?.mtime && info.mtime.getTime() < cutoff) {
-        await Deno.remove(path, { recursive: true }).catch(() => {});
-      }
+      if (await stale(path)) await Deno.remove(path, { recursive: true }).catch(() => {});
+    }
+    for await (const entry of Deno.readDir(join(dir, "incoming"))) {
+      const path = join(dir, "incoming", entry.name);
+      if (entry.isFile && await stale(path)) await Deno.remove(path).catch(() => {});
     }
   } catch (error) {
     if (!(error instanceof Deno.errors.NotFound)) throw error;

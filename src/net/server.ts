@@ -53,11 +53,13 @@ import type { SegmentConfig } from "../config.ts";
 import { hasToken } from "./auth.ts";
 import { ServeRecorder } from "./serve_recorder.ts";
 import { UploadReceiver } from "./uploads.ts";
+import { PendingUploads } from "./pending_uploads.ts";
 import { Metrics, routeOf } from "./metrics.ts";
 import type { NarInfo } from "../cache/narinfo.ts";
 import { encodeNixBase32 } from "../cache/nixbase32.ts";
 import { formatNixHash, parseNixHash } from "../cache/hash.ts";
 import { verifyNarStream } from "../cache/verified_nar.ts";
+import { NarAliases } from "./nar_aliases.ts";
 import {
   rawXzStream,
   rawXzStreamSize,
@@ -94,7 +96,7 @@ export type PassedCompression = "zstd" | "xz";
  */
 export interface PathSource {
   /** Where hits are counted in the metrics. */
-  readonly kind: "peer" | "upstream";
+  readonly kind: "local" | "peer" | "upstream";
   /**
    * True when {@link PathSource.openNar}'s stream checks the NAR itself (NarHash and
    * NarSize, its last piece held back until then), and {@link PathSource.openFile}'s the
@@ -237,9 +239,17 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   const logs = new BuildLogs(cache.cacheDir);
   const recorder = new ServeRecorder(cache, { intervalMs: options.serveLogIntervalMs });
   const metrics = new Metrics();
+  // Accepted uploads not chunked yet: served (before any other source) and imported here.
+  const pending = new PendingUploads(cache, {
+    // Without uploads on, only what an earlier run accepted is left: stored as zstd chunks.
+    compression: options.upload?.compression ?? "zstd",
+    signingKey: options.signingKey,
+    log: options.log,
+  });
   const uploads = options.upload
-    ? new UploadReceiver(cache, { ...options.upload, signingKey: options.signingKey })
+    ? new UploadReceiver(cache, pending, { segments: options.upload.segments })
     : undefined;
+  const sources: readonly PathSource[] = [pending, ...(options.sources ?? [])];
   // Where the data of NAR responses not served from local chunk files came from.
   const hitSources = new WeakMap<Response, "local" | "peer" | "upstream">();
   const readTokens = [options.readToken, options.upload?.token].filter((t) => t !== undefined);
@@ -285,7 +295,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
   const aliases = new NarAliases(cache.cacheDir);
 
   async function narinfoFromSources(hashPart: string, head: boolean): Promise<Response> {
-    for (const source of options.sources ?? []) {
+    for (const source of sources) {
       let path: SourcePath | null;
       try {
         path = await source.lookup(hashPart);
@@ -322,7 +332,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     if (here !== null) {
       return narResponse(request, here.narSize, () => cache.openNar(here), "local");
     }
-    for (const source of options.sources ?? []) {
+    for (const source of sources) {
       if (entry !== undefined) break;
       const known = await source.lookupByNarHash?.(narHash).catch((error) => {
         options.log?.(`Lookup of NAR ${nix32} (${source.kind}) failed: ${errorText(error)}`);
@@ -397,7 +407,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
 
   /** The path `hashPart` from a source that passes the file `nix32` through now, if any. */
   async function entryOfFile(hashPart: string, nix32: string): Promise<SourceEntry | undefined> {
-    for (const source of options.sources ?? []) {
+    for (const source of sources) {
       if (source.openFile === undefined) continue;
       const path = await source.lookup(hashPart).catch(() => null);
       if (path?.file !== undefined && narHashPart(path.file.fileHash) === nix32) {
@@ -723,6 +733,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     async close() {
       await recorder.close();
       await uploads?.close();
+      await pending.close();
     },
   });
 }
@@ -815,45 +826,6 @@ class NarHashIndex {
     }
     this.#byNarHash = index;
     this.#builtAt = performance.now();
-  }
-}
-
-/**
- * Which path a passed-through file's URL (`nar/<nix32 FileHash>.nar.zst|.xz`) belongs to, kept
- * on disk (`<cacheDir>/nar-aliases/<nix32 FileHash>` holds the hash part) so that the URL
- * outlives a restart: Nix keeps narinfos for weeks. One small file per file NAR served;
- * an alias whose path is gone leads to a 404.
- */
-class NarAliases {
-  #dir: string;
-  #known = new BoundedCache<string, true>({ maxEntries: 65536, maxWeight: 65536 });
-
-  constructor(cacheDir: string) {
-    this.#dir = `${cacheDir}/nar-aliases`;
-  }
-
-  /** Records that file `nix32` is path `hashPart`'s (best effort). */
-  async remember(nix32: string, hashPart: string): Promise<void> {
-    if (this.#known.get(nix32) !== undefined) return;
-    try {
-      await Deno.mkdir(this.#dir, { recursive: true });
-      const path = `${this.#dir}/${nix32}`;
-      const temporary = `${path}.${crypto.randomUUID()}.tmp`;
-      await Deno.writeTextFile(temporary, hashPart);
-      await Deno.rename(temporary, path);
-      this.#known.set(nix32, true);
-    } catch { /* an alias is a convenience: the URL works while this process runs */ }
-  }
-
-  /** The hash part file `nix32` belongs to, or null. */
-  async get(nix32: string): Promise<string | null> {
-    if (!isNixBase32(nix32, 32)) return null;
-    try {
-      const hashPart = (await Deno.readTextFile(`${this.#dir}/${nix32}`)).trim();
-      return isValidHashPart(hashPart) ? hashPart : null;
-    } catch {
-      return null;
-    }
   }
 }
 

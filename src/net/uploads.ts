@@ -3,45 +3,52 @@
  * (`nix copy --to http://…`, DESIGN.md §4): `PUT /nar/<nix32 FileHash>.nar[.xz|.zst|.bz2]`
  * then `PUT /<hash>.narinfo`, dependencies first.
  *
- * A NAR upload is checked against its name (the SHA-256 of the uploaded file is the
- * FileHash in the URL), decompressed as a stream, validated, re-chunked and staged apart
- * from the cache (Cache.stageNar). Its narinfo is accepted only if it names a staged NAR
+ * A NAR upload is written as it comes to `<cacheDir>/uploads/incoming/` (synced), while
+ * it is hashed (it must hash to the FileHash in its name) and decompressed as a stream
+ * (multi-frame zstd, multi-stream xz, bzip2, br, none) to compute its NarHash and NarSize;
+ * nothing is held whole in memory. Its narinfo is accepted only if it names an uploaded NAR
  * (or a path already cached with the same NAR), its NarHash and NarSize match what arca
  * computed, its FileHash/FileSize (when given) match the upload, its store path is well
- * formed and each reference is cached. Then the staged NAR becomes the cached path,
- * atomically, with the uploaded signatures (plus arca's own when a signing key is set).
- * A refused narinfo discards its staged NAR, so a refused upload leaves nothing behind;
- * staged NARs whose narinfo never comes are discarded after an hour.
+ * formed and each reference is cached or accepted before. Then the upload becomes pending
+ * ({@link PendingUploads}: served at once from the uploaded file, chunked into the cache in
+ * the background), so `nix copy --to` does not wait for the re-chunking. A refused narinfo
+ * removes its uploaded file, so a refused upload leaves nothing behind; uploaded files
+ * whose narinfo never comes are removed after an hour.
  * @module
  */
 
-import { type Cache, type StagedNar } from "../cache/cache.ts";
-import type { ChunkCompression } from "../cache/compression.ts";
+import type { Cache } from "../cache/cache.ts";
 import { decompressStream, parseUploadCompression } from "../cache/decompress_stream.ts";
+import type { UploadCompression } from "../cache/decompress_stream.ts";
 import { createSha256, formatNixHash, normalizeNixHash } from "../cache/hash.ts";
-import { parseNarInfo } from "../cache/narinfo.ts";
+import { NarParser } from "../cache/nar.ts";
+import { type NarInfo, parseNarInfo } from "../cache/narinfo.ts";
+import { withWriterLock } from "../cache/cache_lock.ts";
 import type { PathRecord } from "../cache/metadata.ts";
 import { segmentFor } from "../cache/segments.ts";
-import type { SecretKey } from "../cache/signing.ts";
 import { parseStorePath, parseStorePathBaseName } from "../cache/store_path.ts";
 import type { SegmentConfig } from "../config.ts";
 import { FormatError, IntegrityError } from "../errors.ts";
+import { PendingUploads } from "./pending_uploads.ts";
 
-/** How uploads are stored. */
+/** How uploads are checked. */
 export interface UploadOptions {
-  /** Compression of the chunks arca stores (whatever the client sent). */
-  compression: ChunkCompression;
-  signingKey?: SecretKey;
   segments: readonly SegmentConfig[];
-  /** How long a staged NAR waits for its narinfo; default one hour. */
+  /** How long an uploaded NAR waits for its narinfo; default one hour. */
   stagedTtlMs?: number;
 }
 
+/** An uploaded NAR file waiting for its narinfo. */
 interface Staged {
-  staged: StagedNar;
+  /** Its file under `uploads/incoming/`. */
+  path: string;
+  compression: UploadCompression;
   /** `sha256:<nix32>` of the file as uploaded (compressed). */
-  uploadedFileHash: string;
-  uploadedFileSize: number;
+  fileHash: string;
+  fileSize: number;
+  /** `sha256:<nix32>` of the NAR. */
+  narHash: string;
+  narSize: number;
   createdAt: number;
 }
 
@@ -52,14 +59,16 @@ const MAX_NARINFO_UPLOAD = 1024 * 1024;
 export class UploadReceiver {
   #cache: Cache;
   #options: UploadOptions;
+  #pending: PendingUploads;
   #staged = new Map<string, Staged>();
 
-  constructor(cache: Cache, options: UploadOptions) {
+  constructor(cache: Cache, pending: PendingUploads, options: UploadOptions) {
     this.#cache = cache;
+    this.#pending = pending;
     this.#options = options;
   }
 
-  /** True when a NAR of this name (`<nix32>.nar.xz` …) is staged. */
+  /** True when a NAR of this name (`<nix32>.nar.xz` …) is uploaded and waits for its narinfo. */
   isStaged(fileName: string): boolean {
     return this.#staged.has(fileName);
   }
@@ -71,43 +80,39 @@ export class UploadReceiver {
   async putNar(fileName: string, body: ReadableStream<Uint8Array>): Promise<void> {
     await this.discardExpired();
     const match = /^([0-9a-df-np-sv-z]{52})\.(nar(?:\.[a-z0-9]+)?)$/.exec(fileName);
-    if (!match) throw new FormatError(`Invalid NAR file name '${fileName.slice(0, 80)}'`);
-    const kind = parseUploadCompression(match[2]);
-    const fileHash = createSha256();
-    let fileSize = 0;
-    const hashing = new TransformStream<Uint8Array, Uint8Array>({
-      transform(piece, controller) {
-        fileHash.update(piece);
-        fileSize += piece.length;
-        controller.enqueue(piece);
-      },
-    });
-    const staged = await this.#cache.stageNar(
-      body.pipeThrough(hashing).pipeThrough(decompressStream(kind)),
-      { compression: this.#options.compression },
-    );
-    const uploadedFileHash = formatNixHash(fileHash.digest());
-    if (uploadedFileHash !== `sha256:${match[1]}`) {
-      await this.#cache.discardStaged(staged);
-      throw new IntegrityError(
-        `Uploaded file ${fileName} does not match its name: its SHA-256 is ${uploadedFileHash}`,
-      );
+    if (!match) {
+      await body.cancel();
+      throw new FormatError(`Invalid NAR file name '${fileName.slice(0, 80)}'`);
     }
-    const previous = this.#staged.get(fileName);
-    this.#staged.set(fileName, {
-      staged,
-      uploadedFileHash,
-      uploadedFileSize: fileSize,
-      createdAt: Date.now(),
-    });
-    if (previous) await this.#cache.discardStaged(previous.staged);
+    const compression = parseUploadCompression(match[2]);
+    const done = this.#pending.receiving();
+    const dir = PendingUploads.incomingDir(this.#cache.cacheDir);
+    await Deno.mkdir(dir, { recursive: true });
+    const path = `${dir}/${crypto.randomUUID()}`;
+    try {
+      const received = await receive(body, path, compression);
+      if (received.fileHash !== `sha256:${match[1]}`) {
+        throw new IntegrityError(
+          `Uploaded file ${fileName} does not match its name: its SHA-256 is ${received.fileHash}`,
+        );
+      }
+      const previous = this.#staged.get(fileName);
+      this.#staged.set(fileName, { path, compression, ...received, createdAt: Date.now() });
+      if (previous) await Deno.remove(previous.path).catch(() => {});
+    } catch (error) {
+      await Deno.remove(path).catch(() => {});
+      throw error;
+    } finally {
+      done();
+    }
   }
 
   /**
-   * Receives `PUT /<hashPart>.narinfo`: checks it against the staged NAR and the cache and
-   * commits the path. FormatError/IntegrityError say why a narinfo is refused.
+   * Receives `PUT /<hashPart>.narinfo`: checks it against the uploaded NAR and the cache and
+   * makes the path pending (served now, imported soon). FormatError/IntegrityError say why a
+   * narinfo is refused.
    */
-  async putNarInfo(hashPart: string, body: ReadableStream<Uint8Array>): Promise<PathRecord> {
+  async putNarInfo(hashPart: string, body: ReadableStream<Uint8Array>): Promise<void> {
     const text = await readLimited(body, MAX_NARINFO_UPLOAD);
     const info = parseNarInfo(text);
     const { hash, baseName } = parseStorePath(info.storePath);
@@ -118,44 +123,68 @@ export class UploadReceiver {
     const entry = fileName === undefined ? undefined : this.#staged.get(fileName);
     if (fileName !== undefined) this.#staged.delete(fileName);
     try {
-      for (const reference of info.references) {
-        if (reference === baseName) continue;
-        const referenced = parseStorePathBaseName(reference);
-        if ((await this.#cache.getPath(referenced.hash)) === null) {
-          throw new IntegrityError(
-            `Refusing ${info.storePath}: its reference ${referenced.path} is not in the cache (upload dependencies first)`,
-          );
+      // The writer lock keeps the garbage collector from evicting a reference between the
+      // check and the acceptance (it keeps what pending uploads reference).
+      await withWriterLock(this.#cache.cacheDir, async () => {
+        for (const reference of info.references) {
+          if (reference === baseName) continue;
+          const referenced = parseStorePathBaseName(reference);
+          if (
+            (await this.#cache.getPath(referenced.hash)) === null &&
+            (await this.#pending.get(referenced.hash)) === undefined
+          ) {
+            throw new IntegrityError(
+              `Refusing ${info.storePath}: its reference ${referenced.path} is not in the cache (upload dependencies first)`,
+            );
+          }
         }
-      }
-      const segment = segmentFor(this.#options.segments, info);
-      const meta = {
-        storePath: info.storePath,
-        references: info.references,
-        deriver: info.deriver,
-        ca: info.ca,
-        sigs: info.sigs,
-        narHash: info.narHash,
-        narSize: info.narSize,
-      };
-      const options = { signingKey: this.#options.signingKey, segment, auditAs: "Upload" as const };
-      if (entry === undefined) return await this.#recordForCachedNar(info.storePath, meta, options);
-      if (
-        info.fileHash !== undefined && normalizeNixHash(info.fileHash) !== entry.uploadedFileHash
-      ) {
-        throw new IntegrityError(
-          `Refusing ${info.storePath}: FileHash ${info.fileHash} is not the uploaded file's`,
-        );
-      }
-      if (info.fileSize !== undefined && info.fileSize !== entry.uploadedFileSize) {
-        throw new IntegrityError(
-          `Refusing ${info.storePath}: FileSize ${info.fileSize} is not the uploaded file's (${entry.uploadedFileSize})`,
-        );
-      }
-      return await this.#cache.commitStaged(entry.staged, meta, options);
+        await this.#accept(hashPart, info, entry);
+      });
     } catch (error) {
-      if (entry) await this.#cache.discardStaged(entry.staged);
+      if (entry) await Deno.remove(entry.path).catch(() => {});
       throw error;
     }
+  }
+
+  /** Accepts a checked narinfo: the path becomes pending, or (cached) gets its signatures. */
+  async #accept(hashPart: string, info: NarInfo, entry: Staged | undefined): Promise<void> {
+    const segment = segmentFor(this.#options.segments, info);
+    const narHash = normalizeNixHash(info.narHash);
+    if (entry === undefined) {
+      const pending = await this.#pending.get(hashPart);
+      if (pending?.narHash === narHash && pending.narSize === info.narSize) return;
+      await this.#recordForCachedNar(info.storePath, { ...info, narHash }, { segment });
+      return;
+    }
+    if (narHash !== entry.narHash || info.narSize !== entry.narSize) {
+      throw new IntegrityError(
+        `Refusing ${info.storePath}: NAR hash mismatch: the narinfo says ${narHash} (${info.narSize} bytes), the uploaded NAR is ${entry.narHash} (${entry.narSize} bytes)`,
+      );
+    }
+    if (info.fileHash !== undefined && normalizeNixHash(info.fileHash) !== entry.fileHash) {
+      throw new IntegrityError(
+        `Refusing ${info.storePath}: FileHash ${info.fileHash} is not the uploaded file's`,
+      );
+    }
+    if (info.fileSize !== undefined && info.fileSize !== entry.fileSize) {
+      throw new IntegrityError(
+        `Refusing ${info.storePath}: FileSize ${info.fileSize} is not the uploaded file's (${entry.fileSize})`,
+      );
+    }
+    await this.#pending.accept({
+      hashPart,
+      storePath: info.storePath,
+      narHash,
+      narSize: info.narSize,
+      fileHash: entry.fileHash,
+      fileSize: entry.fileSize,
+      compression: entry.compression,
+      references: info.references,
+      deriver: info.deriver,
+      ca: info.ca,
+      sigs: info.sigs,
+      segment,
+    }, entry.path);
   }
 
   /** A narinfo for a path already cached with the same NAR: keeps the data, merges signatures. */
@@ -166,7 +195,7 @@ export class UploadReceiver {
   ): Promise<PathRecord> {
     const existing = await this.#cache.getPath(parseStorePath(storePath).hash);
     if (
-      existing === null || existing.narInfo.narHash !== normalizeNixHash(meta.narHash) ||
+      existing === null || existing.narInfo.narHash !== meta.narHash ||
       existing.narInfo.narSize !== meta.narSize
     ) {
       throw new IntegrityError(`Refusing ${storePath}: its NAR was not uploaded`);
@@ -180,21 +209,74 @@ export class UploadReceiver {
     return record;
   }
 
-  /** Discards staged NARs older than the time to live (their narinfo never came). */
+  /** Removes uploaded NARs older than the time to live (their narinfo never came). */
   async discardExpired(now: number = Date.now()): Promise<void> {
     const ttl = this.#options.stagedTtlMs ?? 60 * 60 * 1000;
     for (const [name, entry] of this.#staged) {
       if (now - entry.createdAt <= ttl) continue;
       this.#staged.delete(name);
-      await this.#cache.discardStaged(entry.staged);
+      await Deno.remove(entry.path).catch(() => {});
     }
   }
 
-  /** Discards every staged NAR (when the server stops). */
+  /** Removes every uploaded NAR still waiting for its narinfo (when the server stops). */
   async close(): Promise<void> {
-    for (const entry of this.#staged.values()) await this.#cache.discardStaged(entry.staged);
+    for (const entry of this.#staged.values()) await Deno.remove(entry.path).catch(() => {});
     this.#staged.clear();
   }
+}
+
+/**
+ * Writes `body` to a new file at `path` (synced) while hashing it and decompressing it
+ * (`compression`) to validate and hash the NAR; FormatError when it does not decompress or
+ * is no valid NAR.
+ */
+async function receive(
+  body: ReadableStream<Uint8Array>,
+  path: string,
+  compression: UploadCompression,
+): Promise<{ fileHash: string; fileSize: number; narHash: string; narSize: number }> {
+  const file = await Deno.open(path, { write: true, createNew: true, mode: 0o600 });
+  const fileHash = createSha256();
+  const narHash = createSha256();
+  const parser = new NarParser();
+  let fileSize = 0;
+  let narSize = 0;
+  const nar = (piece: Uint8Array) => {
+    parser.push(piece);
+    narHash.update(piece);
+    narSize += piece.length;
+  };
+  const decompress = compression === "none" ? null : decompressStream(compression);
+  const writer = decompress?.writable.getWriter();
+  const hashing = decompress === null ? Promise.resolve() : (async () => {
+    for await (const piece of decompress.readable) nar(piece);
+  })();
+  hashing.catch(() => {});
+  try {
+    for await (const piece of body) {
+      fileHash.update(piece);
+      fileSize += piece.length;
+      for (let at = 0; at < piece.length;) at += file.writeSync(piece.subarray(at));
+      if (writer === undefined) nar(piece);
+      else await writer.write(piece);
+    }
+    await writer?.close();
+    await hashing;
+    parser.end();
+    await file.syncData();
+  } catch (error) {
+    await writer?.abort(error).catch(() => {});
+    throw error;
+  } finally {
+    file.close();
+  }
+  return {
+    fileHash: formatNixHash(fileHash.digest()),
+    fileSize,
+    narHash: formatNixHash(narHash.digest()),
+    narSize,
+  };
 }
 
 /** Reads a small body as text, refusing more than `limit` bytes. */

@@ -35,11 +35,28 @@ async function xz(bytes: Uint8Array): Promise<Uint8Array> {
   return (await output).stdout;
 }
 
-async function uploadsLeft(cacheDir: string): Promise<string[]> {
+/** Files left under `<cacheDir>/uploads` (uploaded, pending), recursively. */
+async function uploadsLeft(cacheDir: string, dir = `${cacheDir}/uploads`): Promise<string[]> {
+  const files: string[] = [];
   try {
-    return (await Array.fromAsync(Deno.readDir(`${cacheDir}/uploads`))).map((e) => e.name);
-  } catch {
-    return [];
+    for await (const entry of Deno.readDir(dir)) {
+      if (entry.isDirectory) files.push(...await uploadsLeft(cacheDir, `${dir}/${entry.name}`));
+      else files.push(`${dir}/${entry.name}`.slice(cacheDir.length + 1));
+    }
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+  return files;
+}
+
+/** `arca list` once it lists exactly `paths` (imports run in the background), sorted. */
+async function listedEventually(global: string[], env: Record<string, string>, paths: string[]) {
+  const expected = [...paths].sort().join("\n");
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const listed = (await arcaOk([...global, "list"], { env })).trim().split("\n").sort();
+    if (listed.join("\n") === expected || Date.now() > deadline) return listed;
+    await new Promise((resolve) => setTimeout(resolve, 200));
   }
 }
 
@@ -115,30 +132,42 @@ Deno.test({
         ]);
       }
       const all = [fixtures.dep, fixtures.top, fixtures.caSmall, bz2Path, nonePath];
-      const listed = (await arcaOk([...global, "list"], { env })).trim().split("\n").sort();
+      const source = await pathInfo(all);
+      const checkCopy = async (store: string) => {
+        await runNix("nix", [
+          "copy",
+          "--from",
+          server.url,
+          "--to",
+          store,
+          "--option",
+          "trusted-public-keys",
+          arcaKey,
+          ...all,
+        ]);
+        const copied = await pathInfo(all, { store });
+        for (const [i, info] of copied.entries()) {
+          assert.equal(info.narHash, source[i].narHash, info.path);
+          assert.deepEqual(info.references.sort(), source[i].references.sort(), info.path);
+          assert.ok(info.signatures?.some((s) => s.startsWith("arca-upload-1:")), info.path);
+        }
+      };
+      // Served at once, from the uploaded files, while they are chunked in the background.
+      await checkCopy(`${home.dir}/store-right-away`);
+      const listed = await listedEventually(global, env, all);
       assert.deepEqual(listed, [...all].sort());
       assert.deepEqual(await uploadsLeft(home.cacheDir), [], "no staged upload is left behind");
       const audit = await arcaOk([...global, "audit", "--json"], { env });
       assert.equal(audit.split("\n").filter((l) => l.includes('"Upload"')).length, all.length);
 
-      const store2 = `${home.dir}/store2`;
-      await runNix("nix", [
-        "copy",
-        "--from",
-        server.url,
-        "--to",
-        store2,
-        "--option",
-        "trusted-public-keys",
-        arcaKey,
-        ...all,
-      ]);
-      const source = await pathInfo(all);
-      const copied = await pathInfo(all, { store: store2 });
-      for (const [i, info] of copied.entries()) {
-        assert.equal(info.narHash, source[i].narHash, info.path);
-        assert.deepEqual(info.references.sort(), source[i].references.sort(), info.path);
-        assert.ok(info.signatures?.some((s) => s.startsWith("arca-upload-1:")), info.path);
+      // Then from arca's own chunks, signed by arca when imported.
+      await checkCopy(`${home.dir}/store2`);
+      const records = JSON.parse(await arcaOk([...global, "list", "--json"], { env }));
+      for (const record of records) {
+        assert.ok(
+          record.signatures.some((s: string) => s.startsWith("arca-upload-1:")),
+          record.storePath,
+        );
       }
       // Build logs: `nix store copy-log --to` uploads them, `nix log --store` reads them back.
       const drv = (await runNix("nix-store", ["-q", "--deriver", fixtures.dep])).trim();
@@ -268,7 +297,7 @@ Deno.test({
       // The server keeps serving, and a correct upload still works.
       assert.equal((await put(`/nar/${name}`, compressed)).status, 204);
       assert.equal((await put(`/${hashPart}.narinfo`, narinfo({}))).status, 204);
-      assert.equal((await arcaOk([...global, "list"], { env })).trim(), storePath);
+      assert.deepEqual(await listedEventually(global, env, [storePath]), [storePath]);
     } finally {
       await server.stop();
       await home.cleanup();
