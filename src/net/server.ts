@@ -619,7 +619,8 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     const body = request.body ?? ReadableStream.from<Uint8Array>([]);
     let match = /^\/nar\/([^/]+)$/.exec(path);
     if (match) {
-      await uploads.putNar(match[1], body);
+      const length = Number(request.headers.get("content-length") ?? NaN);
+      await uploads.putNar(match[1], body, Number.isSafeInteger(length) ? length : undefined);
       return new Response(null, { status: 204 });
     }
     match = /^\/([^/]+)\.narinfo$/.exec(path);

@@ -18,10 +18,10 @@
  */
 
 import type { Cache } from "../cache/cache.ts";
-import { decompressStream, parseUploadCompression } from "../cache/decompress_stream.ts";
+import { parseUploadCompression } from "../cache/decompress_stream.ts";
+import { type CheckedNarFile, checkNarFile } from "../cache/nar_file_check.ts";
 import type { UploadCompression } from "../cache/decompress_stream.ts";
-import { createSha256, formatNixHash, normalizeNixHash } from "../cache/hash.ts";
-import { NarParser } from "../cache/nar.ts";
+import { normalizeNixHash } from "../cache/hash.ts";
 import { type NarInfo, parseNarInfo } from "../cache/narinfo.ts";
 import { withWriterLock } from "../cache/cache_lock.ts";
 import type { PathRecord } from "../cache/metadata.ts";
@@ -74,10 +74,15 @@ export class UploadReceiver {
   }
 
   /**
-   * Receives `PUT /nar/<fileName>`: FormatError when the name or the NAR is malformed,
-   * IntegrityError when the file does not hash to its name.
+   * Receives `PUT /nar/<fileName>` (`sizeHint`: its Content-Length, if any): FormatError
+   * when the name or the NAR is malformed, IntegrityError when the file does not hash to
+   * its name.
    */
-  async putNar(fileName: string, body: ReadableStream<Uint8Array>): Promise<void> {
+  async putNar(
+    fileName: string,
+    body: ReadableStream<Uint8Array>,
+    sizeHint?: number,
+  ): Promise<void> {
     await this.discardExpired();
     const match = /^([0-9a-df-np-sv-z]{52})\.(nar(?:\.[a-z0-9]+)?)$/.exec(fileName);
     if (!match) {
@@ -90,7 +95,7 @@ export class UploadReceiver {
     await Deno.mkdir(dir, { recursive: true });
     const path = `${dir}/${crypto.randomUUID()}`;
     try {
-      const received = await receive(body, path, compression);
+      const received = await receive(body, path, compression, sizeHint);
       if (received.fileHash !== `sha256:${match[1]}`) {
         throw new IntegrityError(
           `Uploaded file ${fileName} does not match its name: its SHA-256 is ${received.fileHash}`,
@@ -227,56 +232,30 @@ export class UploadReceiver {
 }
 
 /**
- * Writes `body` to a new file at `path` (synced) while hashing it and decompressing it
- * (`compression`) to validate and hash the NAR; FormatError when it does not decompress or
- * is no valid NAR.
+ * Writes `body` to a new file at `path` (synced) while hashing it, and checks the NAR it
+ * holds (`compression`; src/cache/nar_file_check.ts, on a Worker when `sizeHint` says the
+ * file is large); FormatError when it does not decompress or is no valid NAR.
  */
 async function receive(
   body: ReadableStream<Uint8Array>,
   path: string,
   compression: UploadCompression,
-): Promise<{ fileHash: string; fileSize: number; narHash: string; narSize: number }> {
+  sizeHint: number | undefined,
+): Promise<CheckedNarFile> {
   const file = await Deno.open(path, { write: true, createNew: true, mode: 0o600 });
-  const fileHash = createSha256();
-  const narHash = createSha256();
-  const parser = new NarParser();
-  let fileSize = 0;
-  let narSize = 0;
-  const nar = (piece: Uint8Array) => {
-    parser.push(piece);
-    narHash.update(piece);
-    narSize += piece.length;
-  };
-  const decompress = compression === "none" ? null : decompressStream(compression);
-  const writer = decompress?.writable.getWriter();
-  const hashing = decompress === null ? Promise.resolve() : (async () => {
-    for await (const piece of decompress.readable) nar(piece);
-  })();
-  hashing.catch(() => {});
+  const check = checkNarFile(compression, sizeHint);
   try {
     for await (const piece of body) {
-      fileHash.update(piece);
-      fileSize += piece.length;
       for (let at = 0; at < piece.length;) at += file.writeSync(piece.subarray(at));
-      if (writer === undefined) nar(piece);
-      else await writer.write(piece);
+      await check.push(piece);
     }
-    await writer?.close();
-    await hashing;
-    parser.end();
+    const checked = await check.finish();
     await file.syncData();
-  } catch (error) {
-    await writer?.abort(error).catch(() => {});
-    throw error;
+    return checked;
   } finally {
+    check.close();
     file.close();
   }
-  return {
-    fileHash: formatNixHash(fileHash.digest()),
-    fileSize,
-    narHash: formatNixHash(narHash.digest()),
-    narSize,
-  };
 }
 
 /** Reads a small body as text, refusing more than `limit` bytes. */

@@ -1,0 +1,174 @@
+/**
+ * Uploads are stored first and chunked in the background (src/net/uploads.ts,
+ * src/net/pending_uploads.ts): served at once, imported later, also after a restart; the
+ * garbage collector keeps what they reference.
+ */
+import assert from "node:assert/strict";
+import { compressChunk } from "../../src/cache/compression.ts";
+import { decompressStream } from "../../src/cache/decompress_stream.ts";
+import { collectGarbage } from "../../src/cache/gc.ts";
+import { formatNixHash, sha256 } from "../../src/cache/hash.ts";
+import { encodeNar } from "../../src/cache/nar.ts";
+import { parseNarInfo } from "../../src/cache/narinfo.ts";
+import { encodeNixBase32 } from "../../src/cache/nixbase32.ts";
+import { UNIVERSAL_SEGMENT } from "../../src/config.ts";
+import { createHandler, type Handler } from "../../src/net/server.ts";
+import {
+  fakeStorePath,
+  hashPartOf,
+  importFixture,
+  makeCacheFixture,
+  pseudoRandomBytes,
+} from "../helpers/cache_fixture.ts";
+import type { Cache } from "../../src/cache/cache.ts";
+
+const BASE = "http://arca.test";
+const TOKEN = "pending-uploads-token";
+
+function handlerOf(cache: Cache): Handler {
+  return createHandler(cache, {
+    priority: 40,
+    upload: { token: TOKEN, compression: "zstd", segments: [UNIVERSAL_SEGMENT] },
+  });
+}
+
+/** Uploads a NAR (xz) and its narinfo as `nix copy --to` does; returns the NAR and file URL. */
+async function upload(
+  handler: Handler,
+  storePath: string,
+  options: { size?: number; seed?: number; references?: string[] } = {},
+) {
+  const nar = encodeNar({
+    type: "regular",
+    contents: pseudoRandomBytes(options.size ?? 300_000, options.seed ?? 1),
+  });
+  const file = compressChunk(nar, "xz");
+  const url = `nar/${encodeNixBase32(sha256(file))}.nar.xz`;
+  const auth = { authorization: `Bearer ${TOKEN}` };
+  const put = await handler(
+    new Request(`${BASE}/${url}`, { method: "PUT", body: file.slice(), headers: auth }),
+  );
+  assert.equal(put.status, 204, await put.text());
+  const narinfo = [
+    `StorePath: ${storePath}`,
+    `URL: ${url}`,
+    "Compression: xz",
+    `FileHash: ${formatNixHash(sha256(file))}`,
+    `FileSize: ${file.length}`,
+    `NarHash: ${formatNixHash(sha256(nar))}`,
+    `NarSize: ${nar.length}`,
+    `References: ${(options.references ?? []).join(" ")}`,
+    "",
+  ].join("\n");
+  const info = await handler(
+    new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`, {
+      method: "PUT",
+      body: narinfo,
+      headers: auth,
+    }),
+  );
+  assert.equal(info.status, 204, await info.text());
+  return { nar, file, url };
+}
+
+async function narThrough(handler: Handler, url: string): Promise<Uint8Array> {
+  const response = await handler(new Request(`${BASE}/${url}`));
+  assert.equal(response.status, 200, url);
+  const compression = url.endsWith(".xz") ? "xz" : url.endsWith(".zst") ? "zstd" : "none";
+  const body = response.body!.pipeThrough(decompressStream(compression));
+  return new Uint8Array(await new Response(body).arrayBuffer());
+}
+
+Deno.test("an upload is served at once from its file, then from the cache under the same URL", async () => {
+  await using fixture = await makeCacheFixture();
+  const handler = handlerOf(fixture.cache);
+  try {
+    const storePath = fakeStorePath("uploaded");
+    const { nar, url } = await upload(handler, storePath);
+    // Served before it is chunked: the narinfo names the uploaded file.
+    const info = parseNarInfo(
+      await (await handler(new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`))).text(),
+    );
+    assert.equal(info.url, url);
+    assert.equal(info.compression, "xz");
+    assert.deepEqual(await narThrough(handler, url), nar);
+    // Then imported in the background.
+    for (let i = 0; i < 200 && (await fixture.cache.getPath(hashPartOf(storePath))) === null; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const record = await fixture.cache.getPath(hashPartOf(storePath));
+    assert.ok(record, "imported");
+    assert.equal(record.narInfo.narHash, formatNixHash(sha256(nar)));
+    // Nix keeps the narinfo it uploaded: the file's URL still serves the NAR.
+    assert.deepEqual(await narThrough(handler, url), nar);
+    const local = parseNarInfo(
+      await (await handler(new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`))).text(),
+    );
+    assert.notEqual(local.url, url);
+    assert.deepEqual(await narThrough(handler, local.url), nar);
+    assert.deepEqual(await Array.fromAsync(Deno.readDir(`${fixture.dir}/uploads/pending`)), []);
+  } finally {
+    await handler.close();
+  }
+});
+
+Deno.test("accepted uploads left by a stop are imported at the next start", async () => {
+  await using fixture = await makeCacheFixture();
+  const storePath = fakeStorePath("left-pending");
+  const first = handlerOf(fixture.cache);
+  let nar: Uint8Array;
+  try {
+    ({ nar } = await upload(first, storePath));
+  } finally {
+    // Stopped within the second an import waits for quiet: it stays pending.
+    await first.close();
+  }
+  assert.equal(await fixture.cache.getPath(hashPartOf(storePath)), null);
+  const second = handlerOf(fixture.cache);
+  try {
+    for (let i = 0; i < 200 && (await fixture.cache.getPath(hashPartOf(storePath))) === null; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const stored = await fixture.cache.narOfPath(hashPartOf(storePath));
+    assert.ok(stored, "imported by the next server");
+    const whole = new Uint8Array(
+      await new Response(fixture.cache.openNar(stored.manifest)).arrayBuffer(),
+    );
+    assert.deepEqual(whole, nar);
+  } finally {
+    await second.close();
+  }
+});
+
+Deno.test("gc keeps what a pending upload references, and the upload then imports whole", async () => {
+  await using fixture = await makeCacheFixture();
+  const dep = await importFixture(fixture.cache, {
+    type: "regular",
+    contents: pseudoRandomBytes(200_000, 9),
+  }, {
+    storePath: fakeStorePath("dep-of-pending"),
+  });
+  const storePath = fakeStorePath("pending-top");
+  const first = handlerOf(fixture.cache);
+  try {
+    await upload(first, storePath, { references: [dep.storePath.slice("/nix/store/".length)] });
+  } finally {
+    await first.close();
+  }
+  // Nothing cached references dep, and the size limit wants everything gone.
+  const report = await collectGarbage(fixture.cache, { maxSizeBytes: 0 });
+  assert.deepEqual(report.evicted, []);
+  assert.ok(await fixture.cache.getPath(dep.hashPart), "dep stays");
+  const second = handlerOf(fixture.cache);
+  try {
+    for (let i = 0; i < 200 && (await fixture.cache.getPath(hashPartOf(storePath))) === null; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    assert.ok(await fixture.cache.getPath(hashPartOf(storePath)), "the upload is imported");
+  } finally {
+    await second.close();
+  }
+  // Once imported, the path itself holds dep; with both unused, both may go.
+  const after = await collectGarbage(fixture.cache, { maxSizeBytes: 0 });
+  assert.equal(after.evicted.length, 2);
+});
