@@ -356,7 +356,7 @@ async function main(): Promise<void> {
         fixed(median(arca.map((s) => s.importedSeconds ?? NaN)))
       } s after nix copy started (median; ${
         arca.map((s) => fixed(s.importedSeconds ?? NaN)).join(", ")
-      }); server CPU includes that background import`,
+      }); the server CPU above is that of the upload alone`,
     );
     console.log(
       `\ntarget: arca ≥ 1.0× nginx: ${fixed(ratio)}× ${ratio >= 1.0 ? "MET" : "MISSED"}`,

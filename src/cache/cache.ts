@@ -11,7 +11,6 @@
  * @module
  */
 
-import { join } from "node:path";
 import { IntegrityError, NotFoundError } from "../errors.ts";
 import { AccessTimes } from "./access_times.ts";
 import { type AuditEventType, AuditLog } from "./audit.ts";
@@ -81,15 +80,6 @@ export interface ImportOptions {
   auditAs?: AuditEventType;
   /** Said before the NAR's size in the audit event's detail (e.g. where it came from). */
   auditDetail?: string;
-}
-
-/** An uploaded NAR, chunked and held apart until its narinfo arrives. */
-export interface StagedNar {
-  /** The staging directory (its own chunk store). */
-  dir: string;
-  manifest: Manifest;
-  /** Bytes of chunk files the NAR added. */
-  newStoredBytes: number;
 }
 
 /** What an import did. */
@@ -215,67 +205,6 @@ export class Cache {
   }
 
   /**
-   * Stages an uploaded NAR: validates and chunks it like {@link Cache.importNar}, but writes
-   * the chunks the cache lacks into a private staging directory, so that nothing of it is
-   * in the cache until {@link Cache.commitStaged}, and {@link Cache.discardStaged} leaves
-   * no trace. The caller owns the result and must commit or discard it.
-   */
-  async stageNar(
-    nar: ReadableStream<Uint8Array>,
-    options: { compression: ChunkCompression; compressor?: ChunkCompressor },
-  ): Promise<StagedNar> {
-    const dir = join(this.cacheDir, "uploads", `staged-${crypto.randomUUID()}`);
-    await Deno.mkdir(dir, { recursive: true });
-    const staging = new ChunkStore(dir);
-    const compressor = options.compressor ??
-      new ChunkCompressor({ compression: options.compression });
-    try {
-      const stored = await withWriterLock(
-        this.cacheDir,
-        () => this.#storeChunks(nar, options.compression, compressor, staging),
-      );
-      return { dir, manifest: stored.manifest, newStoredBytes: stored.newStoredBytes };
-    } catch (error) {
-      await Deno.remove(dir, { recursive: true }).catch(() => {});
-      throw error;
-    } finally {
-      if (!options.compressor) compressor.close();
-    }
-  }
-
-  /**
-   * Makes a staged NAR a cached path: moves its new chunks into the store, writes its
-   * manifest, commits the narinfo, and removes the staging directory. IntegrityError when
-   * `meta` claims another NAR hash or size, or when a chunk the NAR shared with the cache
-   * was garbage-collected meanwhile (the upload must be repeated).
-   */
-  async commitStaged(
-    staged: StagedNar,
-    meta: PathMetadata,
-    options: Omit<ImportOptions, "compressor" | "compression">,
-  ): Promise<PathRecord> {
-    checkClaims(meta, staged.manifest);
-    const compression = staged.manifest.compression;
-    const staging = new ChunkStore(staged.dir);
-    const record = await withWriterLock(this.cacheDir, async () => {
-      const adopt: { id: string; sourcePath: string }[] = [];
-      for (const id of new Set(staged.manifest.chunks.map((chunk) => chunk.id))) {
-        if (await staging.has(id, compression)) {
-          adopt.push({ id, sourcePath: staging.chunkPath(id, compression) });
-        } else if (!(await this.chunks.has(id, compression))) {
-          throw new IntegrityError(
-            `Cannot add ${meta.storePath}: chunk ${id} of its NAR is gone (collected since the upload); upload it again`,
-          );
-        }
-      }
-      await this.chunks.adoptAll(adopt, compression);
-      return await this.#commit(staged.manifest, meta, { ...options, compression });
-    });
-    await this.discardStaged(staged);
-    return record;
-  }
-
-  /**
    * Commits a NAR whose chunk files are already durable in this cache's store (fetched from
    * peers): checks `meta`'s claims against `manifest`, writes the manifest, then the
    * record. The caller holds the writer lock ({@link withWriterLock}) from before it wrote
@@ -288,13 +217,6 @@ export class Cache {
   ): Promise<PathRecord> {
     checkClaims(meta, manifest);
     return this.#commit(manifest, meta, { ...options, compression: manifest.compression });
-  }
-
-  /** Removes a staged NAR that will not be committed. */
-  async discardStaged(staged: StagedNar): Promise<void> {
-    await Deno.remove(staged.dir, { recursive: true }).catch((error) => {
-      if (!(error instanceof Deno.errors.NotFound)) throw error;
-    });
   }
 
   /** Writes the manifest, then commits the narinfo record (the point of visibility). */

@@ -225,40 +225,6 @@ export class ChunkStore {
     return created;
   }
 
-  /**
-   * Moves chunk files written elsewhere on the same filesystem (a staged upload's, already
-   * durable) into the store by hard links, then makes the new directory entries durable
-   * once: one filesystem flush, or (where that is unavailable) one fsync per directory
-   * touched. Returns how many chunks were new to the store. The caller vouches that each
-   * source file holds its chunk.
-   */
-  async adoptAll(
-    chunks: Iterable<{ id: string; sourcePath: string }>,
-    compression: ChunkCompression,
-  ): Promise<number> {
-    const touched = new Set<string>();
-    const pending = [...chunks];
-    let created = 0;
-    const link = async ({ id, sourcePath }: { id: string; sourcePath: string }) => {
-      const dir = join(this.#root, id.slice(0, 2));
-      await this.#ensureDirectory(dir);
-      try {
-        await Deno.link(sourcePath, this.chunkPath(id, compression));
-        touched.add(dir);
-        created++;
-      } catch (error) {
-        if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
-      }
-    };
-    for (let i = 0; i < pending.length; i += 32) {
-      await Promise.all(pending.slice(i, i + 32).map(link));
-    }
-    if (touched.size > 0 && !(touched.size > 8 && await syncFilesystem(this.#root))) {
-      for (const dir of touched) await syncDirectory(dir);
-    }
-    return created;
-  }
-
   /** Opens a chunk's file for reading; the caller closes it. {@link NotFoundError} if absent. */
   async openRead(id: string, compression: ChunkCompression): Promise<Deno.FsFile> {
     const path = this.chunkPath(id, compression);

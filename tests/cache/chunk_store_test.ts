@@ -417,31 +417,3 @@ Deno.test("ChunkFileCommitter: abort removes the files not linked yet", async ()
     assert.deepEqual(await listFiles(store.root), []);
   });
 });
-
-Deno.test("adoptAll links a staged upload's chunks into the store once", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "arca-adopt-" });
-  try {
-    const staging = new ChunkStore(join(dir, "staging"));
-    const store = new ChunkStore(join(dir, "cache"));
-    const chunks = [1, 2, 3].map((n) => {
-      const bytes = new TextEncoder().encode(`chunk ${n}`);
-      return { id: createHash("sha256").update(bytes).digest("hex"), bytes };
-    });
-    for (const { id, bytes } of chunks) {
-      await staging.put(id, compressChunk(bytes, "zstd"), "zstd");
-    }
-    await store.put(chunks[0].id, compressChunk(chunks[0].bytes, "zstd"), "zstd");
-    const sources = chunks.map(({ id }) => ({ id, sourcePath: staging.chunkPath(id, "zstd") }));
-    assert.equal(await store.adoptAll(sources, "zstd"), 2, "the one already stored is skipped");
-    for (const { id, bytes } of chunks) {
-      assert.deepEqual(decompressChunk(await store.read(id, "zstd"), "zstd"), bytes);
-    }
-    assert.equal(await store.adoptAll(sources, "zstd"), 0);
-    await assert.rejects(
-      store.adoptAll([{ id: "ab".repeat(32), sourcePath: join(dir, "missing") }], "zstd"),
-      Deno.errors.NotFound,
-    );
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-});

@@ -1,5 +1,5 @@
 /**
- * The import pipeline of cache.ts (`importNar`, `stageNar`) end to end, without Nix: NARs
+ * The import pipeline of cache.ts (`importNar`) end to end, without Nix: NARs
  * made in memory go through the Workers (hashing, lookup, compression, temporary files)
  * and the commit rounds (flush, link, flush) of chunk_store.ts. Checks what a crash-safe,
  * deduplicating import must leave: every chunk at its final name, no temporary file, a
@@ -189,32 +189,6 @@ Deno.test("import: a bad NAR or a wrong claimed hash records nothing and leaves 
   assert.equal(await cache.getPath(hashPartOf(storePath)), null);
   const files = await listFiles(cache.chunks.root);
   assert.deepEqual(files.filter((f) => f.includes(".tmp-")), [], "no temporary files left");
-});
-
-Deno.test("import: stageNar writes only what the cache lacks; commitStaged adopts it", async () => {
-  await using fixture = await makeCacheFixture({ prefix: "arca-import-stage-" });
-  const { cache } = fixture;
-  const shared = encodeNar(mixedTree(3));
-  await cache.importNar(narStream(shared, true), {
-    storePath: fakeStorePath("shared"),
-    references: [],
-    sigs: [],
-  }, { compression: "zstd" });
-  const before = (await cache.chunks.stats()).chunks;
-  // A NAR with the same files plus a new one.
-  const tree = mixedTree(3);
-  if (tree.type !== "directory") throw new Error("unreachable");
-  tree.entries["extra"] = { type: "regular", contents: pseudoRandomBytes(500_000, 99) };
-  const nar = encodeNar(tree);
-  const staged = await cache.stageNar(narStream(nar, true), { compression: "zstd" });
-  const stagedFiles = await listFiles(`${staged.dir}/objects/chunks`);
-  assert.ok(stagedFiles.length > 0 && stagedFiles.length < staged.manifest.chunks.length / 2);
-  assert.deepEqual(stagedFiles.filter((f) => f.includes(".tmp-")), []);
-  const storePath = fakeStorePath("staged");
-  await cache.commitStaged(staged, { storePath, references: [], sigs: [] }, {});
-  const manifest = (await cache.narOfPath(hashPartOf(storePath)))!.manifest;
-  await checkStored(cache, manifest, nar);
-  assert.equal((await cache.chunks.stats()).chunks, before + stagedFiles.length);
 });
 
 Deno.test("import: two processes importing the same chunks at once both succeed", async () => {
