@@ -52,6 +52,9 @@ interface Staged {
   createdAt: number;
 }
 
+/** Bytes of an upload's body gathered before they are written and checked. */
+const GATHER_BYTES = 1024 * 1024;
+
 /** Largest narinfo body accepted. */
 const MAX_NARINFO_UPLOAD = 1024 * 1024;
 
@@ -244,11 +247,29 @@ async function receive(
 ): Promise<CheckedNarFile> {
   const file = await Deno.open(path, { write: true, createNew: true, mode: 0o600 });
   const check = checkNarFile(compression, sizeHint);
+  // The body comes in pieces of up to 64 KiB: gathered into larger ones, each write, hash
+  // update and message to the checking Worker costs ~16 times less in all.
+  let gathered = new Uint8Array(GATHER_BYTES);
+  let filled = 0;
+  const flush = async () => {
+    if (filled === 0) return;
+    const piece = gathered.subarray(0, filled);
+    for (let at = 0; at < piece.length;) at += file.writeSync(piece.subarray(at));
+    gathered = new Uint8Array(GATHER_BYTES);
+    filled = 0;
+    await check.push(piece);
+  };
   try {
     for await (const piece of body) {
-      for (let at = 0; at < piece.length;) at += file.writeSync(piece.subarray(at));
-      await check.push(piece);
+      for (let at = 0; at < piece.length;) {
+        const take = Math.min(piece.length - at, GATHER_BYTES - filled);
+        gathered.set(piece.subarray(at, at + take), filled);
+        filled += take;
+        at += take;
+        if (filled === GATHER_BYTES) await flush();
+      }
     }
+    await flush();
     const checked = await check.finish();
     await file.syncData();
     return checked;
