@@ -46,6 +46,8 @@ import {
   megabytes,
   parseFlags,
   pathInfos,
+  type ProcessStats,
+  processStats,
   removeTree,
   resolveMain,
   run,
@@ -137,6 +139,8 @@ async function ensureClosure(
 interface Server {
   name: string;
   base: string;
+  /** CPU and memory so far (nginx: master and workers). */
+  stats(): ProcessStats;
   stop(): Promise<void>;
 }
 
@@ -168,6 +172,7 @@ async function startArca(
   return {
     name: "arca",
     base,
+    stats: () => processStats(child.pid),
     async stop() {
       child.kill("SIGTERM");
       await child.status;
@@ -252,6 +257,9 @@ interface ServerSamples {
   narSeqRate: number[];
   narParRate: number[];
   copySeconds: number[];
+  /** CPU seconds (user + system) of nix and of the server during each copy. */
+  copyNixCpu: number[];
+  copyServerCpu: number[];
   connects: number[];
 }
 
@@ -313,6 +321,8 @@ async function main(): Promise<void> {
         narSeqRate: [],
         narParRate: [],
         copySeconds: [],
+        copyNixCpu: [],
+        copyServerCpu: [],
         connects: [],
       });
       nars.set(server.name, await narsOf(server.base, hashes));
@@ -368,6 +378,7 @@ async function main(): Promise<void> {
       for (const server of round % 2 === 0 ? servers : [...servers].reverse()) {
         const store = `${scratch}/store-${server.name}-${round}`;
         const copyEnv = benchEnv(scratch);
+        const before = server.stats();
         const result = await run("nix", [
           "copy",
           "--from",
@@ -376,11 +387,18 @@ async function main(): Promise<void> {
           store,
           "--no-check-sigs",
           mixed.storePath,
-        ], { env: copyEnv });
+        ], { env: copyEnv, measureRss: true });
+        const after = server.stats();
         const [copied] = await pathInfos([mixed.storePath], copyEnv, { store });
         const [original] = await pathInfos([mixed.storePath], env);
         if (copied.narHash !== original.narHash) throw new Error("Copied path differs");
         samples.get(server.name)!.copySeconds.push(result.seconds);
+        samples.get(server.name)!.copyNixCpu.push(
+          (result.cpuSeconds?.user ?? NaN) + (result.cpuSeconds?.system ?? NaN),
+        );
+        samples.get(server.name)!.copyServerCpu.push(
+          after.cpuUser + after.cpuSystem - before.cpuUser - before.cpuSystem,
+        );
         log(`copy round ${round + 1} from ${server.name}: ${fixed(result.seconds)} s`);
         await removeTree(store);
         await removeTree(copyEnv.XDG_CACHE_HOME);
@@ -455,6 +473,13 @@ async function main(): Promise<void> {
         `arca ${a.narParRate.map((x) => fixed(x, 1)).join(", ")}; ` +
         `nix copy s nginx ${n.copySeconds.map((x) => fixed(x)).join(", ")}; ` +
         `arca ${a.copySeconds.map((x) => fixed(x)).join(", ")}`,
+    );
+    console.log(
+      `nix copy, CPU seconds (user + system, median): nix from nginx ${
+        fixed(median(n.copyNixCpu))
+      }, from arca ${fixed(median(a.copyNixCpu))}; server: nginx ${
+        fixed(median(n.copyServerCpu))
+      }, arca ${fixed(median(a.copyServerCpu))}`,
     );
   } finally {
     for (const server of servers.reverse()) await server.stop().catch(() => {});
