@@ -4,6 +4,7 @@
  * @module
  */
 
+import { readPendingUploads } from "../cache/pending_records.ts";
 import type { Command } from "commander";
 import { RemoteRecords } from "../cache/remote_records.ts";
 import { readSwarmStatus } from "../net/metrics.ts";
@@ -43,6 +44,7 @@ export function registerStatus(program: Command): void {
         }));
         const unassigned = stats.segments[""];
         const remoteRecords = await countRemote(settings.cacheDir);
+        const pending = await readPendingUploads(settings.cacheDir);
         const swarm = await readSwarmStatus(settings.cacheDir);
         const status = {
           cacheDir: settings.cacheDir,
@@ -51,6 +53,10 @@ export function registerStatus(program: Command): void {
           segments,
           ...(unassigned ? { pathsWithoutSegment: unassigned.paths } : {}),
           remoteRecords,
+          pendingUploads: {
+            paths: pending.length,
+            narBytes: pending.reduce((sum, upload) => sum + upload.narSize, 0),
+          },
           swarm,
           peers: swarm?.segments.flatMap((segment) =>
             segment.peers.map((peer) => ({ segment: segment.name, ...peer }))
@@ -80,6 +86,11 @@ export function registerStatus(program: Command): void {
           console.log(`  (no segment): ${unassigned.paths} paths`);
         }
         console.log(`remote records: ${remoteRecords}`);
+        console.log(
+          `pending uploads: ${status.pendingUploads.paths} (${
+            formatBytes(status.pendingUploads.narBytes)
+          } of NAR, not chunked yet; served meanwhile)`,
+        );
         if (swarm === null) {
           console.log("swarm:        not running");
           return;

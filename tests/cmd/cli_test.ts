@@ -217,14 +217,15 @@ Deno.test("cli: global options before and after the subcommand; status --json", 
         "paths",
         "peerFetch",
         "peers",
+        "pendingUploads",
         "remoteRecords",
         "segments",
         "storedBytes",
         "swarm",
       ]);
       assert.deepEqual(
-        [status.peers, status.remoteRecords, status.swarm, status.peerFetch],
-        [[], 0, null, null],
+        [status.peers, status.remoteRecords, status.swarm, status.peerFetch, status.pendingUploads],
+        [[], 0, null, null, { paths: 0, narBytes: 0 }],
       );
       assert.deepEqual(status.segments, [
         { name: "universal", filter: "all", swarm: false, paths: 0, narBytes: 0 },

@@ -21,6 +21,7 @@ import {
   pseudoRandomBytes,
 } from "../helpers/cache_fixture.ts";
 import type { Cache } from "../../src/cache/cache.ts";
+import { readPendingUploads } from "../../src/cache/pending_records.ts";
 
 const BASE = "http://arca.test";
 const TOKEN = "pending-uploads-token";
@@ -124,6 +125,10 @@ Deno.test("accepted uploads left by a stop are imported at the next start", asyn
     await first.close();
   }
   assert.equal(await fixture.cache.getPath(hashPartOf(storePath)), null);
+  const left = await readPendingUploads(fixture.dir);
+  assert.deepEqual(left.map((upload) => [upload.storePath, upload.narSize]), [
+    [storePath, nar.length],
+  ]);
   const second = handlerOf(fixture.cache);
   try {
     for (let i = 0; i < 200 && (await fixture.cache.getPath(hashPartOf(storePath))) === null; i++) {
