@@ -38,9 +38,17 @@ export interface NarFileChecker {
   close(): void;
 }
 
-/** A checker for a file in `compression` of about `sizeHint` bytes (unknown: in-thread). */
+/** Checks on Workers at once at most (more large uploads at a time are checked in-thread). */
+const MAX_WORKER_CHECKS = Math.max(1, navigator.hardwareConcurrency ?? 1);
+let workerChecks = 0;
+
+/**
+ * A checker for a file in `compression` of about `sizeHint` bytes: on a Worker when it is
+ * large and fewer than {@link MAX_WORKER_CHECKS} run, else in-thread.
+ */
 export function checkNarFile(compression: UploadCompression, sizeHint?: number): NarFileChecker {
-  return sizeHint !== undefined && sizeHint >= WORKER_CHECK_BYTES
+  const large = sizeHint !== undefined && sizeHint >= WORKER_CHECK_BYTES;
+  return large && workerChecks < MAX_WORKER_CHECKS
     ? new WorkerNarFileCheck(compression)
     : new InlineNarFileCheck(compression);
 }
@@ -118,8 +126,10 @@ class WorkerNarFileCheck implements NarFileChecker {
   #moved = Promise.withResolvers<void>();
   #result = Promise.withResolvers<{ narHash: string; narSize: number }>();
   #settled = false;
+  #closed = false;
 
   constructor(compression: UploadCompression) {
+    workerChecks++;
     this.#worker = new Worker(new URL("./nar_check_worker.ts", import.meta.url), {
       type: "module",
     });
@@ -177,6 +187,9 @@ class WorkerNarFileCheck implements NarFileChecker {
 
   close(): void {
     this.#settle(() => this.#result.reject(new Error("The NAR check was stopped")));
+    if (this.#closed) return;
+    this.#closed = true;
+    workerChecks--;
     this.#worker.terminate();
   }
 

@@ -8,7 +8,7 @@
  */
 
 import { join } from "node:path";
-import type { UploadCompression } from "./decompress_stream.ts";
+import { parseUploadCompression, type UploadCompression } from "./decompress_stream.ts";
 import { parseNixHash } from "./hash.ts";
 import { encodeNixBase32 } from "./nixbase32.ts";
 import { isValidHashPart, parseStorePath } from "./store_path.ts";
@@ -74,10 +74,14 @@ export async function readPendingUploads(
     if (!entry.isFile || !/^[0-9a-z]{32}\.json$/.test(entry.name)) continue;
     try {
       const upload = JSON.parse(await Deno.readTextFile(join(dir, entry.name))) as PendingUpload;
-      if (!isValidHashPart(upload.hashPart) || `${upload.hashPart}.json` !== entry.name) {
+      if (
+        !isValidHashPart(upload.hashPart) || `${upload.hashPart}.json` !== entry.name ||
+        typeof upload.file !== "string" || !/^[0-9a-z]{52}\.nar(\.[a-z0-9]+)?$/.test(upload.file) ||
+        parseUploadCompression(upload.file) !== upload.compression ||
+        parseStorePath(upload.storePath).hash !== upload.hashPart
+      ) {
         throw new FormatError("not a pending upload record");
       }
-      parseStorePath(upload.storePath);
       uploads.push(upload);
     } catch (error) {
       log?.(`Pending upload ${entry.name} skipped: ${(error as Error).message}`);

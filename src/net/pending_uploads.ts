@@ -35,7 +35,7 @@ import {
 } from "../cache/pending_records.ts";
 import type { ChunkCompression, ChunkCompressor } from "../cache/compression.ts";
 import { decompressStream } from "../cache/decompress_stream.ts";
-import { parseNixHash } from "../cache/hash.ts";
+import { normalizeNixHash, parseNixHash } from "../cache/hash.ts";
 import { encodeNixBase32 } from "../cache/nixbase32.ts";
 import type { SecretKey } from "../cache/signing.ts";
 import { ArcaError, FormatError, IntegrityError } from "../errors.ts";
@@ -132,6 +132,25 @@ export class PendingUploads implements PathSource {
   async lookup(hashPart: string): Promise<SourcePath | null> {
     const upload = await this.get(hashPart);
     return upload === undefined ? null : sourcePathOf(upload);
+  }
+
+  /** A pending path by its NarHash (a `.nar` URL of an upload in no zstd or xz). */
+  async lookupByNarHash(
+    narHash: string,
+  ): Promise<{ hashPart: string; path: SourcePath } | null> {
+    await this.#loaded;
+    let wanted: string;
+    try {
+      wanted = normalizeNixHash(narHash);
+    } catch {
+      return null;
+    }
+    for (const upload of this.#pending.values()) {
+      if (upload.narHash === wanted) {
+        return { hashPart: upload.hashPart, path: sourcePathOf(upload) };
+      }
+    }
+    return null;
   }
 
   async openNar(hashPart: string): Promise<ReadableStream<Uint8Array>> {

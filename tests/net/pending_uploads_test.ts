@@ -26,9 +26,10 @@ import { readPendingUploads } from "../../src/cache/pending_records.ts";
 const BASE = "http://arca.test";
 const TOKEN = "pending-uploads-token";
 
-function handlerOf(cache: Cache): Handler {
+function handlerOf(cache: Cache, log?: (line: string) => void): Handler {
   return createHandler(cache, {
     priority: 40,
+    log,
     upload: { token: TOKEN, compression: "zstd", segments: [UNIVERSAL_SEGMENT] },
   });
 }
@@ -37,14 +38,14 @@ function handlerOf(cache: Cache): Handler {
 async function upload(
   handler: Handler,
   storePath: string,
-  options: { size?: number; seed?: number; references?: string[] } = {},
+  options: { size?: number; seed?: number; references?: string[]; none?: boolean } = {},
 ) {
   const nar = encodeNar({
     type: "regular",
     contents: pseudoRandomBytes(options.size ?? 300_000, options.seed ?? 1),
   });
-  const file = compressChunk(nar, "xz");
-  const url = `nar/${encodeNixBase32(sha256(file))}.nar.xz`;
+  const file = options.none ? nar : compressChunk(nar, "xz");
+  const url = `nar/${encodeNixBase32(sha256(file))}.nar${options.none ? "" : ".xz"}`;
   const auth = { authorization: `Bearer ${TOKEN}` };
   const put = await handler(
     new Request(`${BASE}/${url}`, { method: "PUT", body: file.slice(), headers: auth }),
@@ -53,7 +54,7 @@ async function upload(
   const narinfo = [
     `StorePath: ${storePath}`,
     `URL: ${url}`,
-    "Compression: xz",
+    `Compression: ${options.none ? "none" : "xz"}`,
     `FileHash: ${formatNixHash(sha256(file))}`,
     `FileSize: ${file.length}`,
     `NarHash: ${formatNixHash(sha256(nar))}`,
@@ -176,4 +177,60 @@ Deno.test("gc keeps what a pending upload references, and the upload then import
   // Once imported, the path itself holds dep; with both unused, both may go.
   const after = await collectGarbage(fixture.cache, { maxSizeBytes: 0 });
   assert.equal(after.evicted.length, 2);
+});
+
+Deno.test("an uncompressed upload's .nar URL works in a process that never served its narinfo", async () => {
+  await using fixture = await makeCacheFixture();
+  const storePath = fakeStorePath("uploaded-none");
+  const first = handlerOf(fixture.cache);
+  let nar: Uint8Array;
+  let url: string;
+  try {
+    ({ nar, url } = await upload(first, storePath, { none: true }));
+    assert.deepEqual(await narThrough(first, url), nar);
+  } finally {
+    await first.close();
+  }
+  // Nix kept the narinfo it uploaded; this server starts without knowing its URL.
+  const second = handlerOf(fixture.cache);
+  try {
+    assert.deepEqual(await narThrough(second, url), nar);
+  } finally {
+    await second.close();
+  }
+});
+
+Deno.test("a pending record that is not one (a path outside, a wrong name) is skipped, not followed", async () => {
+  await using fixture = await makeCacheFixture();
+  const storePath = fakeStorePath("tampered-record");
+  const hashPart = hashPartOf(storePath);
+  await Deno.mkdir(`${fixture.dir}/uploads/pending`, { recursive: true });
+  const record = {
+    hashPart,
+    storePath,
+    narHash: formatNixHash(sha256(new Uint8Array([1]))),
+    narSize: 1,
+    fileHash: formatNixHash(sha256(new Uint8Array([1]))),
+    fileSize: 1,
+    compression: "none",
+    references: [],
+    sigs: [],
+    file: "../../../etc/passwd",
+    acceptedAt: 1,
+  };
+  await Deno.writeTextFile(
+    `${fixture.dir}/uploads/pending/${hashPart}.json`,
+    JSON.stringify(record),
+  );
+  await Deno.writeTextFile(`${fixture.dir}/uploads/pending/${"0".repeat(32)}.json`, "{not json");
+  const logged: string[] = [];
+  const handler = handlerOf(fixture.cache, (line) => logged.push(line));
+  try {
+    const response = await handler(new Request(`${BASE}/${hashPart}.narinfo`));
+    assert.equal(response.status, 404);
+    await response.body?.cancel();
+    assert.equal(logged.filter((line) => /Pending upload .* skipped/.test(line)).length, 2);
+  } finally {
+    await handler.close();
+  }
 });
