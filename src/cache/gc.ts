@@ -21,14 +21,14 @@
  * @module
  */
 
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import type { Cache } from "./cache.ts";
 import { withSweepLock } from "./cache_lock.ts";
 import { parseNixHash } from "./hash.ts";
 import type { Manifest } from "./manifest.ts";
 import type { PathRecord } from "./metadata.ts";
 import { decodeNixBase32 } from "./nixbase32.ts";
-import { pendingReferences } from "./pending_records.ts";
+import { pendingReferences, readPendingUploads } from "./pending_records.ts";
 import { Pins } from "./pins.ts";
 import { parseStorePath, parseStorePathBaseName } from "./store_path.ts";
 
@@ -273,6 +273,20 @@ async function removeStaleStaging(dir: string, cutoff: number): Promise<void> {
     for await (const entry of Deno.readDir(join(dir, "incoming"))) {
       const path = join(dir, "incoming", entry.name);
       if (entry.isFile && await stale(path)) await Deno.remove(path).catch(() => {});
+    }
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+  // A crash between moving an accepted file into pending/ and writing its record leaves
+  // the file without a record; so does a record's temporary file.
+  try {
+    const named = new Set((await readPendingUploads(dirname(dir))).map((upload) => upload.file));
+    for await (const entry of Deno.readDir(join(dir, "pending"))) {
+      const path = join(dir, "pending", entry.name);
+      if (!entry.isFile || named.has(entry.name) || /^[0-9a-z]{32}\.json$/.test(entry.name)) {
+        continue;
+      }
+      if (await stale(path)) await Deno.remove(path).catch(() => {});
     }
   } catch (error) {
     if (!(error instanceof Deno.errors.NotFound)) throw error;

@@ -166,9 +166,17 @@ Deno.test("gc keeps what a pending upload references, and the upload then import
   } finally {
     await first.close();
   }
+  // A file a crash left in pending/ without its record goes; the pending upload's stays.
+  const orphan = `${fixture.dir}/uploads/pending/${"1".repeat(52)}.nar.xz`;
+  await Deno.writeTextFile(orphan, "left by a crash");
+  await new Promise((resolve) => setTimeout(resolve, 20));
   // Nothing cached references dep, and the size limit wants everything gone.
-  const report = await collectGarbage(fixture.cache, { maxSizeBytes: 0 });
+  const report = await collectGarbage(fixture.cache, { maxSizeBytes: 0, graceMs: 10 });
   assert.deepEqual(report.evicted, []);
+  const left = (await Array.fromAsync(Deno.readDir(`${fixture.dir}/uploads/pending`)))
+    .map((entry) => entry.name);
+  assert.equal(left.length, 2, left.join(", "));
+  assert.ok(!left.includes(orphan.split("/").pop()!), "the orphan is removed");
   assert.ok(await fixture.cache.getPath(dep.hashPart), "dep stays");
   const second = handlerOf(fixture.cache);
   try {
