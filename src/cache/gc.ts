@@ -8,8 +8,9 @@
  * least recently used goes first; evicting it may free the paths it referenced.
  *
  * Safe against concurrent writers and crashes, in two phases:
- * 1. narinfo records of the evicted paths are deleted (each atomically): from then on
- *    Nix no longer sees them;
+ * 1. narinfo records of the evicted paths are deleted (each atomically), holding the
+ *    writer lock exclusively; what paths committed since the listing reference, and what
+ *    pending uploads reference, is kept. From then on Nix no longer sees them;
  * 2. the sweep, holding the cache's writer lock exclusively (cache_lock.ts: no import or
  *    upload is between "chunk found present" and "narinfo committed"), lists the paths
  *    that exist NOW, and deletes every manifest and chunk none of them references.
@@ -146,7 +147,16 @@ export async function collectGarbage(cache: Cache, options: GcOptions): Promise<
   // Under the writer lock, which an upload holds from its reference check to its
   // acceptance: the references of uploads accepted meanwhile stay too.
   const deleted = await withSweepLock(cache.cacheDir, async () => {
-    const late = closureOf(nodes, await pendingReferences(cache.cacheDir));
+    // Paths committed since the listing (an upload's import, a fetch) keep what they
+    // reference too.
+    const roots = await pendingReferences(cache.cacheDir);
+    for await (const record of cache.listPaths()) {
+      if (nodes.has(parseStorePath(record.narInfo.storePath).hash)) continue;
+      for (const reference of record.narInfo.references) {
+        roots.add(parseStorePathBaseName(reference).hash);
+      }
+    }
+    const late = closureOf(nodes, roots);
     const going = evicted.filter((node) => !late.has(node.hash));
     for (const node of going) {
       await cache.metadata.deletePath(node.hash);

@@ -1,8 +1,8 @@
 /**
  * The records of accepted uploads not yet chunked into the cache (src/net/pending_uploads.ts
  * serves and imports them): `<cacheDir>/uploads/pending/` holds each one's uploaded file
- * (`<nix32 FileHash>.nar[.xz|.zst|…]`) and its record (`<hash part>.json`), written and
- * synced in that order. The garbage collector keeps what they reference
+ * (`<hash part>.nar[.xz|.zst|…]`: two paths with the same NAR file have a file each) and its
+ * record (`<hash part>.json`), written and synced in that order. The garbage collector keeps what they reference
  * ({@link pendingReferences}).
  * @module
  */
@@ -10,8 +10,7 @@
 import { join } from "node:path";
 import { parseUploadCompression, type UploadCompression } from "./decompress_stream.ts";
 import { parseNixHash } from "./hash.ts";
-import { encodeNixBase32 } from "./nixbase32.ts";
-import { isValidHashPart, parseStorePath } from "./store_path.ts";
+import { isValidHashPart, parseStorePath, parseStorePathBaseName } from "./store_path.ts";
 import { FormatError } from "../errors.ts";
 
 /** An accepted upload waiting for its import. */
@@ -74,14 +73,10 @@ export async function readPendingUploads(
     if (!entry.isFile || !/^[0-9a-z]{32}\.json$/.test(entry.name)) continue;
     try {
       const upload = JSON.parse(await Deno.readTextFile(join(dir, entry.name))) as PendingUpload;
-      if (
-        !isValidHashPart(upload.hashPart) || `${upload.hashPart}.json` !== entry.name ||
-        typeof upload.file !== "string" || !/^[0-9a-z]{52}\.nar(\.[a-z0-9]+)?$/.test(upload.file) ||
-        parseUploadCompression(upload.file) !== upload.compression ||
-        parseStorePath(upload.storePath).hash !== upload.hashPart
-      ) {
+      if (!isValidHashPart(upload.hashPart) || `${upload.hashPart}.json` !== entry.name) {
         throw new FormatError("not a pending upload record");
       }
+      checkRecord(upload);
       uploads.push(upload);
     } catch (error) {
       log?.(`Pending upload ${entry.name} skipped: ${(error as Error).message}`);
@@ -90,22 +85,59 @@ export async function readPendingUploads(
   return uploads.sort((a, b) => a.acceptedAt - b.acceptedAt);
 }
 
+/** Throws FormatError unless `upload` (read from disk) is a well-formed record. */
+function checkRecord(upload: PendingUpload): void {
+  const fail = (what: string) => {
+    throw new FormatError(`not a pending upload record: ${what}`);
+  };
+  const optionalString = (value: unknown) => value === undefined || typeof value === "string";
+  if (parseStorePath(upload.storePath).hash !== upload.hashPart) fail("store path");
+  if (
+    typeof upload.file !== "string" || upload.file !== pendingFileName(upload) ||
+    parseUploadCompression(upload.file) !== upload.compression
+  ) fail("file");
+  parseNixHash(upload.narHash);
+  parseNixHash(upload.fileHash);
+  for (const size of [upload.narSize, upload.fileSize]) {
+    if (!Number.isSafeInteger(size) || size < 0) fail("size");
+  }
+  if (!Number.isFinite(upload.acceptedAt)) fail("acceptedAt");
+  if (!Array.isArray(upload.references)) fail("references");
+  for (const reference of upload.references) parseStorePathBaseName(reference);
+  if (!Array.isArray(upload.sigs) || !upload.sigs.every((sig) => typeof sig === "string")) {
+    fail("sigs");
+  }
+  if (![upload.deriver, upload.ca, upload.segment].every(optionalString)) fail("fields");
+}
+
+/** The name of a pending upload's file: its hash part and the upload's extension. */
+function pendingFileName(upload: { hashPart: string; compression: UploadCompression }): string {
+  return `${upload.hashPart}.${
+    upload.compression === "none" ? "nar" : `nar.${upload.compression}`
+  }`;
+}
+
 /**
- * Makes an upload pending: moves its checked file (`incoming`, synced) into the pending
- * directory, then writes its record (synced); returns the record.
+ * Makes an upload pending: moves its checked file (`from.move`, synced) into the pending
+ * directory, or links the file of another pending upload of the same NAR file
+ * (`from.link`), then writes its record (synced); returns the record.
  */
 export async function writePendingUpload(
   cacheDir: string,
   upload: Omit<PendingUpload, "file" | "acceptedAt">,
-  incoming: string,
+  from: { move: string } | { link: string },
 ): Promise<PendingUpload> {
   const dir = pendingDir(cacheDir);
   await Deno.mkdir(dir, { recursive: true });
-  const file = `${encodeNixBase32(parseNixHash(upload.fileHash))}.${
-    upload.compression === "none" ? "nar" : `nar.${upload.compression}`
-  }`;
+  const file = pendingFileName(upload);
   const record: PendingUpload = { ...upload, file, acceptedAt: Date.now() };
-  await Deno.rename(incoming, join(dir, file));
+  if ("move" in from) {
+    await Deno.rename(from.move, join(dir, file));
+  } else {
+    const linked = join(dir, `${file}.${crypto.randomUUID()}.tmp`);
+    await Deno.link(join(dir, from.link), linked);
+    await Deno.rename(linked, join(dir, file));
+  }
   const json = join(dir, `${upload.hashPart}.json`);
   const temporary = `${json}.${crypto.randomUUID()}.tmp`;
   const handle = await Deno.open(temporary, { write: true, createNew: true, mode: 0o600 });

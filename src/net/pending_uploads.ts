@@ -38,7 +38,7 @@ import { decompressStream } from "../cache/decompress_stream.ts";
 import { normalizeNixHash, parseNixHash } from "../cache/hash.ts";
 import { encodeNixBase32 } from "../cache/nixbase32.ts";
 import type { SecretKey } from "../cache/signing.ts";
-import { ArcaError, FormatError, IntegrityError } from "../errors.ts";
+import { ArcaError, FormatError, IntegrityError, NotFoundError } from "../errors.ts";
 import { NarAliases } from "./nar_aliases.ts";
 import type { PathSource, SourcePath } from "./server.ts";
 
@@ -86,6 +86,8 @@ export class PendingUploads implements PathSource {
     this.#loaded = (async () => {
       for (const upload of await readPendingUploads(cache.cacheDir, options.log)) {
         this.#pending.set(upload.hashPart, upload);
+        // The alias of its file's URL may have been lost with a crash.
+        await this.#remember(upload);
       }
     })().catch((error) => options.log?.(`Pending uploads not read: ${error.message}`));
     this.#loop = this.#loaded.then(() => this.#run());
@@ -115,18 +117,43 @@ export class PendingUploads implements PathSource {
   }
 
   /**
-   * Makes an upload pending: moves its checked file (`incoming`, synced) into the pending
-   * directory, then writes its record (synced): from then on it is served, and imported.
+   * A pending upload of this file (FileHash) with this NAR, if any: another path with the
+   * same NAR may reuse it (Nix does not upload a NAR file a HEAD says is there).
    */
-  async accept(upload: Omit<PendingUpload, "file" | "acceptedAt">, incoming: string) {
+  async withFile(fileHash: string, narHash: string, narSize: number) {
+    await this.#loaded;
+    for (const upload of this.#pending.values()) {
+      if (
+        upload.fileHash === fileHash && upload.narHash === narHash && upload.narSize === narSize
+      ) {
+        return upload;
+      }
+    }
+    return undefined;
+  }
+
+  /**
+   * Makes an upload pending: moves its checked file (`from.move`, synced) into the pending
+   * directory, or links the file of another pending upload (`from.link`), then writes its
+   * record (synced): from then on it is served, and imported.
+   */
+  async accept(
+    upload: Omit<PendingUpload, "file" | "acceptedAt">,
+    from: { move: string } | { link: string },
+  ) {
     if (this.#closed) throw new ArcaError("stopping", "The server is stopping");
     await this.#loaded;
-    const record = await writePendingUpload(this.#cache.cacheDir, upload, incoming);
+    const record = await writePendingUpload(this.#cache.cacheDir, upload, from);
+    await this.#remember(record);
+    this.#pending.set(upload.hashPart, record);
+    this.#wake.resolve();
+  }
+
+  /** Records which path a zstd or xz upload's file URL belongs to (it outlives the import). */
+  async #remember(upload: PendingUpload): Promise<void> {
     if (upload.compression === "zstd" || upload.compression === "xz") {
       await this.#aliases.remember(narHashPart(upload.fileHash), upload.hashPart);
     }
-    this.#pending.set(upload.hashPart, record);
-    this.#wake.resolve();
   }
 
   async lookup(hashPart: string): Promise<SourcePath | null> {
@@ -154,11 +181,7 @@ export class PendingUploads implements PathSource {
   }
 
   async openNar(hashPart: string): Promise<ReadableStream<Uint8Array>> {
-    const upload = this.#pending.get(hashPart);
-    const file = await this.#open(upload);
-    return upload!.compression === "none" ? file : file.pipeThrough(
-      decompressStream(upload!.compression, { maxOutputBytes: upload!.narSize }),
-    );
+    return await this.#openNarOf(this.#pending.get(hashPart));
   }
 
   async openFile(hashPart: string): Promise<ReadableStream<Uint8Array>> {
@@ -178,10 +201,23 @@ export class PendingUploads implements PathSource {
     await this.#loop;
   }
 
+  /** The upload's file; NotFoundError when it is imported (or gone) meanwhile. */
   async #open(upload: PendingUpload | undefined): Promise<ReadableStream<Uint8Array>> {
-    if (upload === undefined) throw new IntegrityError("The upload was imported meanwhile");
-    const file = await Deno.open(join(this.#dir, upload.file), { read: true });
-    return file.readable;
+    if (upload === undefined) throw new NotFoundError("The upload was imported meanwhile");
+    try {
+      return (await Deno.open(join(this.#dir, upload.file), { read: true })).readable;
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+      throw new NotFoundError(`The file of the upload of ${upload.storePath} is gone`);
+    }
+  }
+
+  async #openNarOf(upload: PendingUpload | undefined): Promise<ReadableStream<Uint8Array>> {
+    const file = await this.#open(upload);
+    const { compression, narSize } = upload!;
+    return compression === "none"
+      ? file
+      : file.pipeThrough(decompressStream(compression, { maxOutputBytes: narSize }));
   }
 
   async #run(): Promise<void> {
@@ -242,7 +278,7 @@ export class PendingUploads implements PathSource {
         narSize: upload.narSize,
       };
       try {
-        await this.#cache.importNar(await this.openNar(upload.hashPart), meta, {
+        await this.#cache.importNar(await this.#openNarOf(upload), meta, {
           compression: this.#options.compression,
           compressor: this.#options.compressor,
           signingKey: this.#options.signingKey,
@@ -250,12 +286,16 @@ export class PendingUploads implements PathSource {
           auditAs: "Upload",
         });
       } catch (error) {
-        if (!(error instanceof IntegrityError || error instanceof FormatError)) throw error;
+        const damaged = error instanceof IntegrityError || error instanceof FormatError ||
+          error instanceof NotFoundError;
+        if (!damaged) throw error;
         this.#options.log?.(
-          `Upload of ${upload.storePath} dropped: its file no longer matches (${error.message})`,
+          `Upload of ${upload.storePath} dropped: its file is gone or no longer matches (${error.message})`,
         );
       }
     }
+    // Accepted again meanwhile: the newer record (and its file) stay for their own import.
+    if (this.#pending.get(upload.hashPart) !== upload) return;
     this.#pending.delete(upload.hashPart);
     await removePendingUpload(this.#cache.cacheDir, upload);
   }

@@ -348,7 +348,16 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
         verifyNarStream({ narHash, narSize: path.narSize, name: `NAR of ${path.storePath}` }),
       );
     };
-    const body = request.method === "HEAD" ? null : await open();
+    let body: ReadableStream<Uint8Array> | null = null;
+    try {
+      if (request.method !== "HEAD") body = await open();
+    } catch (error) {
+      if (!(error instanceof NotFoundError)) throw error;
+      // Imported meanwhile (or gone): the local copy, if any.
+      const now = await localNar(hashPart, narHash, request);
+      if (now === null) throw new HttpError(404, "No such NAR");
+      return narResponse(request, now.narSize, () => cache.openNar(now), "local");
+    }
     return narResponse(request, path.narSize, () => body!, source.kind);
   }
 

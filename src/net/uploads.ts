@@ -29,6 +29,7 @@ import { segmentFor } from "../cache/segments.ts";
 import { parseStorePath, parseStorePathBaseName } from "../cache/store_path.ts";
 import type { SegmentConfig } from "../config.ts";
 import { FormatError, IntegrityError } from "../errors.ts";
+import { NarAliases } from "./nar_aliases.ts";
 import { PendingUploads } from "./pending_uploads.ts";
 
 /** How uploads are checked. */
@@ -63,11 +64,13 @@ export class UploadReceiver {
   #cache: Cache;
   #options: UploadOptions;
   #pending: PendingUploads;
+  #aliases: NarAliases;
   #staged = new Map<string, Staged>();
 
   constructor(cache: Cache, pending: PendingUploads, options: UploadOptions) {
     this.#cache = cache;
     this.#pending = pending;
+    this.#aliases = new NarAliases(cache.cacheDir);
     this.#options = options;
   }
 
@@ -93,10 +96,10 @@ export class UploadReceiver {
       throw new FormatError(`Invalid NAR file name '${fileName.slice(0, 80)}'`);
     }
     const compression = parseUploadCompression(match[2]);
-    const done = this.#pending.receiving();
     const dir = PendingUploads.incomingDir(this.#cache.cacheDir);
     await Deno.mkdir(dir, { recursive: true });
     const path = `${dir}/${crypto.randomUUID()}`;
+    const done = this.#pending.receiving();
     try {
       const received = await receive(body, path, compression, sizeHint);
       if (received.fileHash !== `sha256:${match[1]}`) {
@@ -104,9 +107,12 @@ export class UploadReceiver {
           `Uploaded file ${fileName} does not match its name: its SHA-256 is ${received.fileHash}`,
         );
       }
-      const previous = this.#staged.get(fileName);
+      if (this.#staged.has(fileName)) {
+        // The same bytes (same hash) uploaded for another path: the first copy serves both.
+        await Deno.remove(path).catch(() => {});
+        return;
+      }
       this.#staged.set(fileName, { path, compression, ...received, createdAt: Date.now() });
-      if (previous) await Deno.remove(previous.path).catch(() => {});
     } catch (error) {
       await Deno.remove(path).catch(() => {});
       throw error;
@@ -161,6 +167,23 @@ export class UploadReceiver {
     if (entry === undefined) {
       const pending = await this.#pending.get(hashPart);
       if (pending?.narHash === narHash && pending.narSize === info.narSize) return;
+      // Nix skips a NAR file a HEAD finds: another path with the same NAR uploaded it.
+      const named = /^nar\/([0-9a-df-np-sv-z]{52})\.nar/.exec(info.url)?.[1];
+      if (named !== undefined) {
+        const fileHash = `sha256:${named}`;
+        const same = await this.#pending.withFile(fileHash, narHash, info.narSize);
+        if (same !== undefined) {
+          const { fileSize, compression } = same;
+          await this.#pending.accept({
+            ...this.#fields(hashPart, info, narHash, segment),
+            fileHash,
+            fileSize,
+            compression,
+          }, { link: same.file });
+          return;
+        }
+        if (await this.#commitFromLocalCopy(named, info, narHash, segment)) return;
+      }
       await this.#recordForCachedNar(info.storePath, { ...info, narHash }, { segment });
       return;
     }
@@ -180,19 +203,58 @@ export class UploadReceiver {
       );
     }
     await this.#pending.accept({
+      ...this.#fields(hashPart, info, narHash, segment),
+      fileHash: entry.fileHash,
+      fileSize: entry.fileSize,
+      compression: entry.compression,
+    }, { move: entry.path });
+  }
+
+  /** A pending upload's fields from its narinfo. */
+  #fields(hashPart: string, info: NarInfo, narHash: string, segment: string | undefined) {
+    return {
       hashPart,
       storePath: info.storePath,
       narHash,
       narSize: info.narSize,
-      fileHash: entry.fileHash,
-      fileSize: entry.fileSize,
-      compression: entry.compression,
       references: info.references,
       deriver: info.deriver,
       ca: info.ca,
       sigs: info.sigs,
       segment,
-    }, entry.path);
+    };
+  }
+
+  /**
+   * Commits a path whose NAR file (`nix32` FileHash) was uploaded for another path that is
+   * in the cache now (its file's URL is an alias of it), when their NARs are the same; false
+   * otherwise. The caller holds the writer lock.
+   */
+  async #commitFromLocalCopy(
+    nix32: string,
+    info: NarInfo,
+    narHash: string,
+    segment: string | undefined,
+  ): Promise<boolean> {
+    const other = await this.#aliases.get(nix32);
+    const stored = other === null ? null : await this.#cache.narOfPath(other);
+    if (
+      stored === null || stored.record.narInfo.narHash !== narHash ||
+      stored.record.narInfo.narSize !== info.narSize ||
+      (await this.#cache.missingChunks(stored.manifest)).length > 0
+    ) {
+      return false;
+    }
+    await this.#cache.commitFetchedNar(stored.manifest, {
+      storePath: info.storePath,
+      references: info.references,
+      deriver: info.deriver,
+      ca: info.ca,
+      sigs: info.sigs,
+      narHash,
+      narSize: info.narSize,
+    }, { segment, auditAs: "Upload" });
+    return true;
   }
 
   /** A narinfo for a path already cached with the same NAR: keeps the data, merges signatures. */

@@ -623,6 +623,8 @@ export class UpstreamSource implements PathSource {
             const deadline = Date.now() + IMPORT_WAIT_MS;
             await created.unread(IMPORT_WAIT_MS);
             await this.#settled(deadline);
+            // The import's own reading is no client the other imports wait for.
+            this.#spools.delete(created);
             return await importNar(raw ? decompress(created.reader()) : created.reader());
           } finally {
             this.#spools.delete(created);

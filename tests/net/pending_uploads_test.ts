@@ -247,3 +247,159 @@ Deno.test("a pending record that is not one (a path outside, a wrong name) is sk
     await handler.close();
   }
 });
+
+/** Waits (bounded) until the cache holds `storePath` and no pending upload is left. */
+async function importedAll(fixture: { cache: Cache; dir: string }, storePaths: string[]) {
+  const pending = () =>
+    Array.fromAsync(Deno.readDir(`${fixture.dir}/uploads/pending`)).catch(() => []);
+  for (let i = 0; i < 300; i++) {
+    const held = await Promise.all(storePaths.map((p) => fixture.cache.getPath(hashPartOf(p))));
+    if (held.every((record) => record !== null) && (await pending()).length === 0) return;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  throw new Error(`not imported: ${storePaths.join(", ")}`);
+}
+
+/** PUTs a narinfo for `storePath` naming `file` (no NAR upload: Nix's HEAD found it). */
+async function putNarInfoOnly(
+  handler: Handler,
+  storePath: string,
+  nar: Uint8Array,
+  file: Uint8Array,
+) {
+  const url = `nar/${encodeNixBase32(sha256(file))}.nar.xz`;
+  const narinfo = [
+    `StorePath: ${storePath}`,
+    `URL: ${url}`,
+    "Compression: xz",
+    `FileHash: ${formatNixHash(sha256(file))}`,
+    `FileSize: ${file.length}`,
+    `NarHash: ${formatNixHash(sha256(nar))}`,
+    `NarSize: ${nar.length}`,
+    "References: ",
+    "",
+  ].join("\n");
+  return await handler(
+    new Request(`${BASE}/${hashPartOf(storePath)}.narinfo`, {
+      method: "PUT",
+      body: narinfo,
+      headers: { authorization: `Bearer ${TOKEN}` },
+    }),
+  );
+}
+
+Deno.test("two paths with the same NAR: uploaded side by side, or the second after a HEAD found the file", async () => {
+  await using fixture = await makeCacheFixture();
+  const handler = handlerOf(fixture.cache);
+  try {
+    // Side by side (two nix copy at once): both NAR PUTs, then both narinfos.
+    const a = fakeStorePath("same-nar-a");
+    const b = fakeStorePath("same-nar-b");
+    const first = await upload(handler, a, { seed: 41 });
+    const again = await handler(
+      new Request(`${BASE}/${first.url}`, {
+        method: "PUT",
+        body: first.file.slice(),
+        headers: { authorization: `Bearer ${TOKEN}` },
+      }),
+    );
+    assert.equal(again.status, 204);
+    await again.body?.cancel();
+    const second = await putNarInfoOnly(handler, b, first.nar, first.file);
+    assert.equal(second.status, 204, await second.text());
+    await importedAll(fixture, [a, b]);
+
+    // Later: Nix's HEAD finds the file (now arca's own copy of a), so it sends the narinfo only.
+    const c = fakeStorePath("same-nar-c");
+    const head = await handler(new Request(`${BASE}/${first.url}`, { method: "HEAD" }));
+    assert.equal(head.status, 200);
+    await head.body?.cancel();
+    const third = await putNarInfoOnly(handler, c, first.nar, first.file);
+    assert.equal(third.status, 204, await third.text());
+    assert.ok(await fixture.cache.getPath(hashPartOf(c)), "c is in the cache at once");
+
+    // While the first is still pending: the narinfo of the second reuses its file.
+    const d = fakeStorePath("same-nar-d");
+    const e = fakeStorePath("same-nar-e");
+    const fourth = await upload(handler, d, { seed: 42 });
+    const fifth = await putNarInfoOnly(handler, e, fourth.nar, fourth.file);
+    assert.equal(fifth.status, 204, await fifth.text());
+    await importedAll(fixture, [d, e]);
+
+    for (
+      const [path, nar] of [[a, first.nar], [b, first.nar], [c, first.nar], [d, fourth.nar], [
+        e,
+        fourth.nar,
+      ]] as const
+    ) {
+      const info = parseNarInfo(
+        await (await handler(new Request(`${BASE}/${hashPartOf(path)}.narinfo`))).text(),
+      );
+      assert.equal(info.storePath, path);
+      assert.deepEqual(await narThrough(handler, info.url), nar, path);
+    }
+  } finally {
+    await handler.close();
+  }
+});
+
+Deno.test("a pending record with fields of the wrong kind is skipped, and gc still runs", async () => {
+  await using fixture = await makeCacheFixture();
+  const storePath = fakeStorePath("bad-fields");
+  const hashPart = hashPartOf(storePath);
+  await Deno.mkdir(`${fixture.dir}/uploads/pending`, { recursive: true });
+  const hash = formatNixHash(sha256(new Uint8Array([2])));
+  await Deno.writeTextFile(
+    `${fixture.dir}/uploads/pending/${hashPart}.json`,
+    JSON.stringify({
+      hashPart,
+      storePath,
+      narHash: hash,
+      narSize: 1,
+      fileHash: hash,
+      fileSize: 1,
+      compression: "xz",
+      references: null,
+      sigs: [],
+      file: `${hashPart}.nar.xz`,
+      acceptedAt: 1,
+    }),
+  );
+  const report = await collectGarbage(fixture.cache, { maxSizeBytes: 0 });
+  assert.deepEqual(report.evicted, []);
+});
+
+Deno.test("gc keeps what a path committed during the collection references", async () => {
+  await using fixture = await makeCacheFixture();
+  const { cache } = fixture;
+  const dep = await importFixture(cache, {
+    type: "regular",
+    contents: pseudoRandomBytes(50_000, 3),
+  }, {
+    storePath: fakeStorePath("dep-of-late"),
+  });
+  const late = fakeStorePath("late");
+  // While gc reads the manifests of the paths it listed, a path referencing dep is committed
+  // (an upload's background import, a fetch from a peer).
+  const read = cache.manifests.read.bind(cache.manifests);
+  let committed = false;
+  cache.manifests.read = async (hash: Uint8Array) => {
+    if (!committed) {
+      committed = true;
+      await importFixture(cache, { type: "regular", contents: pseudoRandomBytes(10_000, 4) }, {
+        storePath: late,
+        references: [dep.storePath.slice("/nix/store/".length)],
+      });
+    }
+    return await read(hash);
+  };
+  try {
+    const report = await collectGarbage(cache, { maxAgeMs: 0, now: Date.now() + 60_000 });
+    assert.ok(committed);
+    assert.deepEqual(report.evicted, []);
+    assert.ok(await cache.getPath(dep.hashPart), "dep stays: late references it");
+    assert.ok(await cache.getPath(hashPartOf(late)));
+  } finally {
+    cache.manifests.read = read;
+  }
+});
