@@ -124,6 +124,9 @@ interface FetchJob {
   raw: boolean;
   /** Settles with the import. */
   done: Promise<ImportResult>;
+  /** The NAR (and, raw, the file) it fetches: a request for another one does not join it. */
+  narHash: string;
+  fileHash?: string;
 }
 
 /** Why a request to an upstream failed; `down` when the upstream should be skipped a while. */
@@ -243,7 +246,9 @@ export class UpstreamSource implements PathSource {
   async openFile(hashPart: string, path: SourcePath): Promise<ReadableStream<Uint8Array>> {
     const join = async (running: FetchJob) => {
       const spool = await running.spool.catch(() => null);
-      if (running.raw && spool?.readable) return spool.reader();
+      const same = running.fileHash !== undefined && path.file !== undefined &&
+        sameHash(running.fileHash, path.file.fileHash) && sameHash(running.narHash, path.narHash);
+      if (running.raw && same && spool?.readable) return spool.reader();
       await running.done.catch(() => {});
       throw new NotFoundError(`${path.storePath} was being fetched another way`);
     };
@@ -353,7 +358,7 @@ export class UpstreamSource implements PathSource {
     job: FetchJob,
   ): Promise<ReadableStream<Uint8Array>> {
     const spool = await job.spool.catch(() => null);
-    if (spool?.readable && !job.raw) return spool.reader();
+    if (spool?.readable && !job.raw && sameHash(job.narHash, path.narHash)) return spool.reader();
     await job.done.catch(() => {});
     const local = await this.#localNar(hashPart, path.narHash);
     if (local !== null) return local;
@@ -641,7 +646,13 @@ export class UpstreamSource implements PathSource {
       return spool;
     })();
     spool.catch((error) => result.reject(error));
-    const job: FetchJob = { spool, raw, done: result.promise };
+    const job: FetchJob = {
+      spool,
+      raw,
+      done: result.promise,
+      narHash: path.narHash,
+      fileHash: raw ? path.file!.fileHash : undefined,
+    };
     this.#fetches.set(hashPart, job);
     const forget = () => {
       if (this.#fetches.get(hashPart) === job) this.#fetches.delete(hashPart);
