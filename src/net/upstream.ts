@@ -22,7 +22,8 @@
  * once, and no client waits for another.
  *
  * The clients come first: once the NAR is whole, its readers are done and no client has
- * read any spool of this source for {@link IMPORT_SETTLE_MS} (or 30 s later),
+ * read any spool of this source for {@link IMPORT_SETTLE_MS} (or 30 s later, or at once
+ * when the spools waiting hold more than {@link SPOOLS_MEMORY_BYTES} in memory),
  * {@link Cache.importNar} reads it from the spool (with the upstream's references, deriver,
  * CA and signatures, its NarHash and NarSize as claims, the segment the configured filters
  * choose, audited as `Fetch` naming the upstream), and the spool is removed. The import's
@@ -86,6 +87,11 @@ export interface UpstreamSourceOptions {
   positiveTtlMs?: number;
   /** Where failures are reported (an upstream down, a refused narinfo, a failed fetch). */
   log?: (message: string) => void;
+  /**
+   * Imports stop waiting for quiet once the spools waiting keep this many bytes in memory
+   * (default {@link SPOOLS_MEMORY_BYTES}).
+   */
+  spoolsMemoryBytes?: number;
 }
 
 /** Default of {@link UpstreamSourceOptions.timeoutMs}: 5 s. */
@@ -165,6 +171,7 @@ export class UpstreamSource implements PathSource {
   #spools = new Set<Spool>();
   #closed = false;
   #spoolSwept = false;
+  #spoolsMemoryBytes: number;
 
   /**
    * A source over `options.upstreams` that imports what it fetches into `cache`; UsageError
@@ -183,6 +190,7 @@ export class UpstreamSource implements PathSource {
     this.#downForMs = options.downForMs ?? DEFAULT_DOWN_FOR_MS;
     this.#positiveTtlMs = options.positiveTtlMs ?? DEFAULT_POSITIVE_TTL_MS;
     this.#log = options.log ?? (() => {});
+    this.#spoolsMemoryBytes = options.spoolsMemoryBytes ?? SPOOLS_MEMORY_BYTES;
   }
 
   /** The upstreams' base URLs, in the order they are asked. */
@@ -314,7 +322,13 @@ export class UpstreamSource implements PathSource {
     let quietSince = Date.now();
     while (!this.#closed && Date.now() < deadline) {
       let readers = 0;
-      for (const spool of this.#spools) readers += spool.readers;
+      let held = 0;
+      for (const spool of this.#spools) {
+        readers += spool.readers;
+        held += spool.memoryBytes;
+      }
+      // Spools waiting for their imports keep their NARs (up to 8 MiB each) in memory.
+      if (held > this.#spoolsMemoryBytes) return;
       if (readers > 0) quietSince = Date.now();
       else if (Date.now() - quietSince >= IMPORT_SETTLE_MS) return;
       await new Promise((resolve) => setTimeout(resolve, SETTLE_POLL_MS));
@@ -771,6 +785,8 @@ const IMPORT_WAIT_MS = 30_000;
  * restoring the path it just received (docs/BENCHMARKS.md, "Pull-through").
  */
 const IMPORT_SETTLE_MS = 1_000;
+/** Imports stop waiting for quiet once the spools keep this much in memory. */
+const SPOOLS_MEMORY_BYTES = 128 * 1024 * 1024;
 const SETTLE_POLL_MS = 50;
 
 /**
@@ -829,6 +845,11 @@ export class Spool {
   /** Readers that have not finished or cancelled. */
   get readers(): number {
     return this.#readers;
+  }
+
+  /** Bytes of the NAR held in memory. */
+  get memoryBytes(): number {
+    return this.#recentBytes;
   }
 
   /**

@@ -400,6 +400,31 @@ test("an import waits while a client still reads another NAR from upstream", asy
   }
 });
 
+test("imports stop waiting for quiet once the waiting spools hold too much memory", async () => {
+  const w = await getWorld();
+  const t = await setup([w.goodZstd], { spoolsMemoryBytes: 1 });
+  try {
+    const open = async (storePath: string) => {
+      const response = await get(t.handler, `${hashPartOf(storePath)}.narinfo`);
+      const info = parseNarInfo(await response.text());
+      return (await get(t.handler, info.url)).body!.getReader();
+    };
+    const slow = await open(w.bigPath);
+    assert.ok(!(await slow.read()).done);
+    const quick = await open(w.dep);
+    while (!(await quick.read()).done) { /* the whole file */ }
+    // dep's spool alone is over the budget: its import does not wait for the slow reader.
+    for (let i = 0; i < 200 && (await t.cache.getPath(hashPartOf(w.dep))) === null; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    assert.ok(await t.cache.getPath(hashPartOf(w.dep)), "dep is imported meanwhile");
+    await slow.cancel();
+    await within(20_000, "the imports", t.source.idle());
+  } finally {
+    await t.close();
+  }
+});
+
 test("requests for one NAR fetch it once, and none waits for another", async () => {
   const w = await getWorld();
   const t = await setup([w.goodZstd]);
