@@ -111,7 +111,7 @@ function randomSuffix(): string {
 }
 
 /** Fsyncs a directory so that entries created or renamed in it survive a crash. */
-async function syncDirectory(path: string): Promise<void> {
+export async function syncDirectory(path: string): Promise<void> {
   let dir: Deno.FsFile | undefined;
   try {
     dir = await Deno.open(path, { read: true });

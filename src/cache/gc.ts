@@ -22,14 +22,19 @@
  * @module
  */
 
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import type { Cache } from "./cache.ts";
 import { withSweepLock } from "./cache_lock.ts";
 import { parseNixHash } from "./hash.ts";
 import type { Manifest } from "./manifest.ts";
 import type { PathRecord } from "./metadata.ts";
 import { decodeNixBase32 } from "./nixbase32.ts";
-import { pendingReferences, readPendingUploads } from "./pending_records.ts";
+import {
+  incomingDir,
+  pendingDir,
+  pendingReferences,
+  readPendingUploads,
+} from "./pending_records.ts";
 import { Pins } from "./pins.ts";
 import { parseStorePath, parseStorePathBaseName } from "./store_path.ts";
 
@@ -126,29 +131,29 @@ export async function collectGarbage(cache: Cache, options: GcOptions): Promise<
     }
   }
 
-  const report: GcReport = {
-    evicted: evicted.map((node) => ({
+  const reportOf = (gone: Node[]): GcReport => ({
+    evicted: gone.map((node) => ({
       storePath: node.record.narInfo.storePath,
       narSize: node.record.narInfo.narSize,
       lastUsed: node.lastUsed,
     })),
-    remainingPaths: nodes.size - evicted.length,
+    remainingPaths: nodes.size - gone.length,
     freedBytes: 0,
     deletedChunks: 0,
     deletedManifests: 0,
     liveBytes,
-  };
+  });
   if (options.dryRun) {
+    const report = reportOf(evicted);
     report.freedBytes = [...chunkRefs].filter(([, count]) => count === 0)
       .reduce((sum, [id]) => sum + chunkSize.get(id)!, 0);
     return report;
   }
 
   // Under the writer lock, which an upload holds from its reference check to its
-  // acceptance: the references of uploads accepted meanwhile stay too.
+  // acceptance, and an import until its commit: what paths committed since the listing
+  // and uploads accepted meanwhile reference stays too.
   const deleted = await withSweepLock(cache.cacheDir, async () => {
-    // Paths committed since the listing (an upload's import, a fetch) keep what they
-    // reference too.
     const roots = await pendingReferences(cache.cacheDir);
     for await (const record of cache.listPaths()) {
       if (nodes.has(parseStorePath(record.narInfo.storePath).hash)) continue;
@@ -164,14 +169,9 @@ export async function collectGarbage(cache: Cache, options: GcOptions): Promise<
     }
     return going;
   });
-  if (deleted.length < evicted.length) {
-    const kept = new Set(evicted.filter((node) => !deleted.includes(node)).map((n) => n.hash));
-    report.evicted = report.evicted.filter((e) => !kept.has(parseStorePath(e.storePath).hash));
-    report.remainingPaths += kept.size;
-    evicted.splice(0, evicted.length, ...deleted);
-  }
-  if (evicted.length > 0) {
-    await cache.audit.append(evicted.map((node) => ({
+  const report = reportOf(deleted);
+  if (deleted.length > 0) {
+    await cache.audit.append(deleted.map((node) => ({
       type: "GarbageCollect" as const,
       storePath: node.record.narInfo.storePath,
       segment: node.record.segment,
@@ -262,44 +262,41 @@ async function sweep(cache: Cache, report: GcReport, graceMs: number): Promise<v
     }
   }
   await cache.chunks.cleanTemporaryFiles(graceMs);
-  await removeStaleStaging(join(cache.cacheDir, "uploads"), Date.now() - graceMs);
+  await removeStaleUploads(cache.cacheDir, Date.now() - graceMs);
 }
 
 /**
- * Removes what uploads left older than `cutoff`: staging directories of earlier versions
- * (`staged-*`) and uploaded files whose narinfo never came (`incoming/`, after a crash).
+ * Removes what uploads left older than `cutoff`: staging directories of versions that
+ * chunked uploads on arrival (`uploads/staged-*`), uploaded files whose narinfo never came
+ * (`uploads/incoming/`), and files in `uploads/pending/` that no record names (a crash
+ * between moving an accepted file there and writing its record, or a record's temporary
+ * file).
  */
-async function removeStaleStaging(dir: string, cutoff: number): Promise<void> {
-  const stale = async (path: string) => {
-    const info = await Deno.lstat(path).catch(() => null);
-    return info?.mtime !== null && info?.mtime !== undefined && info.mtime.getTime() < cutoff;
-  };
-  try {
-    for await (const entry of Deno.readDir(dir)) {
-      if (!entry.isDirectory || !entry.name.startsWith("staged-")) continue;
+async function removeStaleUploads(cacheDir: string, cutoff: number): Promise<void> {
+  const named = new Set((await readPendingUploads(cacheDir)).map((upload) => upload.file));
+  const sweeps: [string, (entry: Deno.DirEntry) => boolean][] = [
+    [join(cacheDir, "uploads"), (entry) => entry.isDirectory && entry.name.startsWith("staged-")],
+    [incomingDir(cacheDir), (entry) => entry.isFile],
+    [
+      pendingDir(cacheDir),
+      (entry) => entry.isFile && !named.has(entry.name) && !/^[0-9a-z]{32}\.json$/.test(entry.name),
+    ],
+  ];
+  for (const [dir, removable] of sweeps) {
+    let entries: Deno.DirEntry[];
+    try {
+      entries = await Array.fromAsync(Deno.readDir(dir));
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) continue;
+      throw error;
+    }
+    for (const entry of entries.filter(removable)) {
       const path = join(dir, entry.name);
-      if (await stale(path)) await Deno.remove(path, { recursive: true }).catch(() => {});
-    }
-    for await (const entry of Deno.readDir(join(dir, "incoming"))) {
-      const path = join(dir, "incoming", entry.name);
-      if (entry.isFile && await stale(path)) await Deno.remove(path).catch(() => {});
-    }
-  } catch (error) {
-    if (!(error instanceof Deno.errors.NotFound)) throw error;
-  }
-  // A crash between moving an accepted file into pending/ and writing its record leaves
-  // the file without a record; so does a record's temporary file.
-  try {
-    const named = new Set((await readPendingUploads(dirname(dir))).map((upload) => upload.file));
-    for await (const entry of Deno.readDir(join(dir, "pending"))) {
-      const path = join(dir, "pending", entry.name);
-      if (!entry.isFile || named.has(entry.name) || /^[0-9a-z]{32}\.json$/.test(entry.name)) {
-        continue;
+      const info = await Deno.lstat(path).catch(() => null);
+      if (info?.mtime && info.mtime.getTime() < cutoff) {
+        await Deno.remove(path, { recursive: true }).catch(() => {});
       }
-      if (await stale(path)) await Deno.remove(path).catch(() => {});
     }
-  } catch (error) {
-    if (!(error instanceof Deno.errors.NotFound)) throw error;
   }
 }
 

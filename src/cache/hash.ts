@@ -165,6 +165,14 @@ export function normalizeNixHash(text: string): string {
   return formatNixHash(parseNixHash(text));
 }
 
+/**
+ * The nix32 digest alone of any SHA-256 form {@link parseNixHash} accepts (what NAR file
+ * names and their URLs use). Throws {@link FormatError} when `text` is not one.
+ */
+export function nix32Digest(text: string): string {
+  return encodeNixBase32(parseNixHash(text));
+}
+
 /** Standard padded base64 (RFC 4648 §4), as Nix writes keys, signatures and SRI hashes. */
 export function encodeBase64(bytes: Uint8Array): string {
   return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("base64");

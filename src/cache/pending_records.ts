@@ -8,6 +8,7 @@
  */
 
 import { join } from "node:path";
+import { syncDirectory } from "./chunk_store.ts";
 import { parseUploadCompression, type UploadCompression } from "./decompress_stream.ts";
 import { parseNixHash } from "./hash.ts";
 import { isValidHashPart, parseStorePath, parseStorePathBaseName } from "./store_path.ts";
@@ -39,6 +40,11 @@ export interface PendingUpload {
 /** `<cacheDir>/uploads/pending`. */
 export function pendingDir(cacheDir: string): string {
   return join(cacheDir, "uploads", "pending");
+}
+
+/** `<cacheDir>/uploads/incoming`: uploaded files until their narinfo is accepted. */
+export function incomingDir(cacheDir: string): string {
+  return join(cacheDir, "uploads", "incoming");
 }
 
 /**
@@ -148,7 +154,7 @@ export async function writePendingUpload(
     handle.close();
   }
   await Deno.rename(temporary, json);
-  await syncDir(dir);
+  await syncDirectory(dir);
   return record;
 }
 
@@ -157,15 +163,4 @@ export async function removePendingUpload(cacheDir: string, upload: PendingUploa
   const dir = pendingDir(cacheDir);
   await Deno.remove(join(dir, `${upload.hashPart}.json`)).catch(() => {});
   await Deno.remove(join(dir, upload.file)).catch(() => {});
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const handle = await Deno.open(dir, { read: true });
-  try {
-    await handle.sync();
-  } catch {
-    /* some file systems cannot sync a directory */
-  } finally {
-    handle.close();
-  }
 }

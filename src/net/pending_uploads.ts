@@ -35,8 +35,7 @@ import {
 } from "../cache/pending_records.ts";
 import type { ChunkCompression, ChunkCompressor } from "../cache/compression.ts";
 import { decompressStream } from "../cache/decompress_stream.ts";
-import { normalizeNixHash, parseNixHash } from "../cache/hash.ts";
-import { encodeNixBase32 } from "../cache/nixbase32.ts";
+import { nix32Digest, normalizeNixHash } from "../cache/hash.ts";
 import type { SecretKey } from "../cache/signing.ts";
 import { ArcaError, FormatError, IntegrityError, NotFoundError } from "../errors.ts";
 import { NarAliases } from "./nar_aliases.ts";
@@ -93,11 +92,6 @@ export class PendingUploads implements PathSource {
     this.#loop = this.#loaded.then(() => this.#run());
   }
 
-  /** Where uploaded files go while they are received. */
-  static incomingDir(cacheDir: string): string {
-    return join(cacheDir, "uploads", "incoming");
-  }
-
   /** The path's pending upload, if it is accepted and not imported yet. */
   async get(hashPart: string): Promise<PendingUpload | undefined> {
     await this.#loaded;
@@ -152,7 +146,7 @@ export class PendingUploads implements PathSource {
   /** Records which path a zstd or xz upload's file URL belongs to (it outlives the import). */
   async #remember(upload: PendingUpload): Promise<void> {
     if (upload.compression === "zstd" || upload.compression === "xz") {
-      await this.#aliases.remember(narHashPart(upload.fileHash), upload.hashPart);
+      await this.#aliases.remember(nix32Digest(upload.fileHash), upload.hashPart);
     }
   }
 
@@ -321,10 +315,6 @@ function sourcePathOf(upload: PendingUpload): SourcePath {
       }
       : {}),
   };
-}
-
-function narHashPart(hash: string): string {
-  return encodeNixBase32(parseNixHash(hash));
 }
 
 function delay(ms: number): Promise<void> {

@@ -56,8 +56,7 @@ import { UploadReceiver } from "./uploads.ts";
 import { PendingUploads } from "./pending_uploads.ts";
 import { Metrics, routeOf } from "./metrics.ts";
 import type { NarInfo } from "../cache/narinfo.ts";
-import { encodeNixBase32 } from "../cache/nixbase32.ts";
-import { formatNixHash, parseNixHash } from "../cache/hash.ts";
+import { nix32Digest, normalizeNixHash } from "../cache/hash.ts";
 import { verifyNarStream } from "../cache/verified_nar.ts";
 import { NarAliases } from "./nar_aliases.ts";
 import {
@@ -306,9 +305,9 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       if (path === null) continue;
       const narInfo = sourceNarInfo(path, source.openFile !== undefined);
       if (options.signingKey !== undefined) addSignature(narInfo, options.signingKey);
-      fromSources.set(narHashPart(narInfo.narHash), { hashPart, path, source });
+      fromSources.set(nix32Digest(narInfo.narHash), { hashPart, path, source });
       if (narInfo.compression !== "none") {
-        fromSources.set(narHashPart(narInfo.fileHash!), { hashPart, path, source });
+        fromSources.set(nix32Digest(narInfo.fileHash!), { hashPart, path, source });
       }
       const body = new TextEncoder().encode(formatNarInfo(narInfo));
       return new Response(head ? null : body, {
@@ -323,7 +322,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     const narHash = `sha256:${nix32}`;
     let entry = fromSources.get(nix32);
     // The key may be another path's FileHash (unsigned: an upstream can claim any).
-    if (entry !== undefined && narHashPart(entry.path.narHash) !== nix32) entry = undefined;
+    if (entry !== undefined && nix32Digest(entry.path.narHash) !== nix32) entry = undefined;
     // A path fetched earlier (or imported since) is served from here.
     const localHashPart = entry?.hashPart ?? await narHashIndex.find(narHash);
     const here = localHashPart === undefined
@@ -383,7 +382,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       entry = await entryOfFile(hashPart, nix32);
     }
     if (entry === undefined || entry.path.file === undefined) return null;
-    if (narHashPart(entry.path.file.fileHash) !== nix32) return null;
+    if (nix32Digest(entry.path.file.fileHash) !== nix32) return null;
     if (entry.path.file.compression !== compression) return null;
     const { hashPart, path, source } = entry;
     const { fileHash, fileSize } = entry.path.file;
@@ -419,7 +418,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     for (const source of sources) {
       if (source.openFile === undefined) continue;
       const path = await source.lookup(hashPart).catch(() => null);
-      if (path?.file !== undefined && narHashPart(path.file.fileHash) === nix32) {
+      if (path?.file !== undefined && nix32Digest(path.file.fileHash) === nix32) {
         const entry = { hashPart, path, source };
         fromSources.set(nix32, entry);
         return entry;
@@ -441,7 +440,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     if (
       stored === null ||
       (narHash !== undefined &&
-        narHashPart(stored.record.narInfo.narHash) !== narHashPart(narHash))
+        nix32Digest(stored.record.narInfo.narHash) !== nix32Digest(narHash))
     ) {
       return null;
     }
@@ -764,29 +763,23 @@ const SOURCE_ENTRY_LIMITS = { maxEntries: 65536, maxWeight: 65536 };
  * zstd or xz file at `nar/<nix32 FileHash>.nar.zst` or `.nar.xz`.
  */
 export function sourceNarInfo(path: SourcePath, passFile = false): NarInfo {
-  const narHash = formatNixHash(parseNixHash(path.narHash));
-  if (passFile && path.file !== undefined) {
-    const fileHash = formatNixHash(parseNixHash(path.file.fileHash));
-    return {
-      storePath: path.storePath,
-      url: `nar/${narHashPart(fileHash)}.${narFileExtension(path.file.compression)}`,
+  const narHash = normalizeNixHash(path.narHash);
+  const file = passFile && path.file !== undefined
+    ? {
+      url: `nar/${nix32Digest(path.file.fileHash)}.${narFileExtension(path.file.compression)}`,
       compression: path.file.compression,
-      fileHash,
+      fileHash: normalizeNixHash(path.file.fileHash),
       fileSize: path.file.fileSize,
-      narHash,
-      narSize: path.narSize,
-      references: [...path.references],
-      deriver: path.deriver,
-      sigs: [...path.sigs],
-      ca: path.ca,
+    }
+    : {
+      url: `nar/${nix32Digest(narHash)}.nar`,
+      compression: "none",
+      fileHash: narHash,
+      fileSize: path.narSize,
     };
-  }
   return {
     storePath: path.storePath,
-    url: `nar/${narHashPart(narHash)}.nar`,
-    compression: "none",
-    fileHash: narHash,
-    fileSize: path.narSize,
+    ...file,
     narHash,
     narSize: path.narSize,
     references: [...path.references],
@@ -794,11 +787,6 @@ export function sourceNarInfo(path: SourcePath, passFile = false): NarInfo {
     sigs: [...path.sigs],
     ca: path.ca,
   };
-}
-
-/** The nix32 digest of a SHA-256 hash in any form. */
-function narHashPart(hash: string): string {
-  return encodeNixBase32(parseNixHash(hash));
 }
 
 function errorText(error: unknown): string {
@@ -821,7 +809,7 @@ class NarHashIndex {
 
   /** The hash part of a local path with this NarHash, if any. */
   async find(narHash: string): Promise<string | undefined> {
-    const key = narHashPart(narHash);
+    const key = nix32Digest(narHash);
     const known = this.#byNarHash.get(key);
     if (known !== undefined || performance.now() - this.#builtAt < 60_000) return known;
     this.#building ??= this.#build().finally(() => this.#building = null);
@@ -832,7 +820,7 @@ class NarHashIndex {
   async #build(): Promise<void> {
     const index = new Map<string, string>();
     for await (const record of this.#cache.listPaths()) {
-      index.set(narHashPart(record.narInfo.narHash), parseStorePath(record.narInfo.storePath).hash);
+      index.set(nix32Digest(record.narInfo.narHash), parseStorePath(record.narInfo.storePath).hash);
     }
     this.#byNarHash = index;
     this.#builtAt = performance.now();

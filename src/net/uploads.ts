@@ -29,8 +29,10 @@ import { segmentFor } from "../cache/segments.ts";
 import { parseStorePath, parseStorePathBaseName } from "../cache/store_path.ts";
 import type { SegmentConfig } from "../config.ts";
 import { FormatError, IntegrityError } from "../errors.ts";
+import { readLimited } from "./body.ts";
 import { NarAliases } from "./nar_aliases.ts";
-import { PendingUploads } from "./pending_uploads.ts";
+import { incomingDir } from "../cache/pending_records.ts";
+import type { PendingUploads } from "./pending_uploads.ts";
 
 /** How uploads are checked. */
 export interface UploadOptions {
@@ -96,7 +98,7 @@ export class UploadReceiver {
       throw new FormatError(`Invalid NAR file name '${fileName.slice(0, 80)}'`);
     }
     const compression = parseUploadCompression(match[2]);
-    const dir = PendingUploads.incomingDir(this.#cache.cacheDir);
+    const dir = incomingDir(this.#cache.cacheDir);
     await Deno.mkdir(dir, { recursive: true });
     const path = `${dir}/${crypto.randomUUID()}`;
     const done = this.#pending.receiving();
@@ -339,25 +341,4 @@ async function receive(
     check.close();
     file.close();
   }
-}
-
-/** Reads a small body as text, refusing more than `limit` bytes. */
-export async function readLimited(
-  body: ReadableStream<Uint8Array>,
-  limit: number,
-): Promise<string> {
-  const parts: Uint8Array[] = [];
-  let size = 0;
-  for await (const piece of body) {
-    size += piece.length;
-    if (size > limit) throw new FormatError(`Request body is larger than ${limit} bytes`);
-    parts.push(piece);
-  }
-  const bytes = new Uint8Array(size);
-  let offset = 0;
-  for (const part of parts) {
-    bytes.set(part, offset);
-    offset += part.length;
-  }
-  return new TextDecoder().decode(bytes);
 }

@@ -46,15 +46,15 @@ import {
   parseUploadCompression,
   type UploadCompression,
 } from "../cache/decompress_stream.ts";
-import { formatNixHash, parseNixHash } from "../cache/hash.ts";
+import { formatNixHash, nix32Digest, parseNixHash } from "../cache/hash.ts";
 import { BoundedCache, type PathRecord } from "../cache/metadata.ts";
 import { MAX_NARINFO_BYTES, type NarInfo, parseNarInfo } from "../cache/narinfo.ts";
-import { encodeNixBase32 } from "../cache/nixbase32.ts";
 import { segmentFor } from "../cache/segments.ts";
 import { type PublicKey, validSignatureKeys } from "../cache/signing.ts";
 import { parseStorePath } from "../cache/store_path.ts";
 import { parseUpstreamUrl, type SegmentConfig } from "../config.ts";
-import { NotFoundError } from "../errors.ts";
+import { FormatError, NotFoundError } from "../errors.ts";
+import { readLimited } from "./body.ts";
 import { NarCheck } from "../cache/verified_nar.ts";
 import type { PathSource, SourcePath } from "./server.ts";
 
@@ -208,7 +208,7 @@ export class UpstreamSource implements PathSource {
 
   /** A path an earlier lookup found, by its NarHash (`sha256:<nix32>`). */
   lookupByNarHash(narHash: string): Promise<{ hashPart: string; path: SourcePath } | null> {
-    const hashPart = this.#byNarHash.get(encodeNixBase32(parseNixHash(narHash)));
+    const hashPart = this.#byNarHash.get(nix32Digest(narHash));
     const found = hashPart === undefined ? undefined : this.#found.get(hashPart);
     return Promise.resolve(
       found === undefined || hashPart === undefined ? null : { hashPart, path: found.path },
@@ -232,24 +232,16 @@ export class UpstreamSource implements PathSource {
     }
     const again = this.#fetches.get(hashPart);
     if (again !== undefined) return await this.#join(hashPart, path, again);
-    const job = this.#fetch(hashPart, found, fetchedMeta(found.path), {
-      spool: true,
-      segment: segmentFor(this.#segments, narInfoOf(found.path)),
-    });
-    const spool = await job.spool;
-    if (spool?.readable !== true) {
-      throw new NotFoundError(`The fetch of ${path.storePath} from upstream failed`);
-    }
-    return spool.reader();
+    return await this.#spooled(hashPart, found, false);
   }
 
   /**
    * The upstream's zstd or xz file of a path whose lookup found one (`path.file`), streamed
    * as it arrives (checked against its FileHash and FileSize by the spool), while it is
    * spooled and then decompressed into the cache like {@link UpstreamSource.openNar}'s. The
-   * path is served without arca decompressing, hashing and re-sending 2–5× the bytes. NotFoundError when
-   * the path is local already or cannot be had from upstream (the server then serves the
-   * local copy, or a 404).
+   * path is served without arca decompressing, hashing and re-sending 2–5× the bytes.
+   * NotFoundError when the path is local already or cannot be had from upstream as that
+   * file (the server then serves the local copy, or a 404).
    */
   async openFile(hashPart: string, path: SourcePath): Promise<ReadableStream<Uint8Array>> {
     const join = async (running: FetchJob) => {
@@ -270,18 +262,28 @@ export class UpstreamSource implements PathSource {
     if (again !== undefined) return await join(again);
     if (
       found === null || !sameHash(found.path.narHash, path.narHash) ||
-      found.path.file === undefined || found.path.file.compression !== path.file?.compression
+      found.path.file === undefined || path.file === undefined ||
+      !sameHash(found.path.file.fileHash, path.file.fileHash) ||
+      found.path.file.compression !== path.file.compression
     ) {
       throw new NotFoundError(`No upstream has the file of ${path.storePath}`);
     }
+    return await this.#spooled(hashPart, found, true);
+  }
+
+  /**
+   * Starts fetching `found` (`raw`: its file as it is) into a spool and reads it;
+   * NotFoundError when the upstream does not deliver.
+   */
+  async #spooled(hashPart: string, found: Found, raw: boolean) {
     const job = this.#fetch(hashPart, found, fetchedMeta(found.path), {
       spool: true,
-      raw: true,
+      raw,
       segment: segmentFor(this.#segments, narInfoOf(found.path)),
     });
     const spool = await job.spool;
     if (spool?.readable !== true) {
-      throw new NotFoundError(`The fetch of ${path.storePath} from upstream failed`);
+      throw new NotFoundError(`The fetch of ${found.path.storePath} from upstream failed`);
     }
     return spool.reader();
   }
@@ -409,7 +411,7 @@ export class UpstreamSource implements PathSource {
       }
       if (found === null) continue;
       this.#found.set(hashPart, found, 1);
-      this.#byNarHash.set(encodeNixBase32(parseNixHash(found.path.narHash)), hashPart, 1);
+      this.#byNarHash.set(nix32Digest(found.path.narHash), hashPart, 1);
       this.#missing.delete(hashPart);
       return found;
     }
@@ -432,7 +434,15 @@ export class UpstreamSource implements PathSource {
           false,
         );
       }
-      return await readLimited(response, MAX_NARINFO_BYTES);
+      try {
+        return await readLimited(
+          response.body ?? ReadableStream.from<Uint8Array>([]),
+          MAX_NARINFO_BYTES,
+        );
+      } catch (error) {
+        if (!(error instanceof FormatError)) throw error;
+        throw new UpstreamFailure(`narinfo is larger than ${MAX_NARINFO_BYTES} bytes`, false);
+      }
     });
     if (text === null) return null;
     const refuse = (why: string) => {
@@ -712,26 +722,6 @@ function sameHash(a: string, b: string): boolean {
 
 function seconds(ms: number): string {
   return ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`;
-}
-
-/** The response body as text, refused (FormatError-like UpstreamFailure) beyond `limit` bytes. */
-async function readLimited(response: Response, limit: number): Promise<string> {
-  const pieces: Uint8Array[] = [];
-  let size = 0;
-  for await (const piece of response.body ?? ReadableStream.from<Uint8Array>([])) {
-    size += piece.length;
-    if (size > limit) {
-      throw new UpstreamFailure(`narinfo is larger than ${limit} bytes`, false);
-    }
-    pieces.push(piece);
-  }
-  const bytes = new Uint8Array(size);
-  let offset = 0;
-  for (const piece of pieces) {
-    bytes.set(piece, offset);
-    offset += piece.length;
-  }
-  return new TextDecoder().decode(bytes);
 }
 
 /**

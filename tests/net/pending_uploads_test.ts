@@ -95,9 +95,7 @@ Deno.test("an upload is served at once from its file, then from the cache under 
     assert.equal(info.compression, "xz");
     assert.deepEqual(await narThrough(handler, url), nar);
     // Then imported in the background.
-    for (let i = 0; i < 200 && (await fixture.cache.getPath(hashPartOf(storePath))) === null; i++) {
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
+    await importedAll(fixture, [storePath]);
     const record = await fixture.cache.getPath(hashPartOf(storePath));
     assert.ok(record, "imported");
     assert.equal(record.narInfo.narHash, formatNixHash(sha256(nar)));
@@ -108,12 +106,7 @@ Deno.test("an upload is served at once from its file, then from the cache under 
     );
     assert.notEqual(local.url, url);
     assert.deepEqual(await narThrough(handler, local.url), nar);
-    // The record and the file go right after the commit.
-    const left = () => Array.fromAsync(Deno.readDir(`${fixture.dir}/uploads/pending`));
-    for (let i = 0; i < 200 && (await left()).length > 0; i++) {
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-    assert.deepEqual(await left(), []);
+    assert.deepEqual(await Array.fromAsync(Deno.readDir(`${fixture.dir}/uploads/pending`)), []);
   } finally {
     await handler.close();
   }
@@ -137,9 +130,7 @@ Deno.test("accepted uploads left by a stop are imported at the next start", asyn
   ]);
   const second = handlerOf(fixture.cache);
   try {
-    for (let i = 0; i < 200 && (await fixture.cache.getPath(hashPartOf(storePath))) === null; i++) {
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
+    await importedAll(fixture, [storePath]);
     const stored = await fixture.cache.narOfPath(hashPartOf(storePath));
     assert.ok(stored, "imported by the next server");
     const whole = new Uint8Array(
@@ -180,9 +171,7 @@ Deno.test("gc keeps what a pending upload references, and the upload then import
   assert.ok(await fixture.cache.getPath(dep.hashPart), "dep stays");
   const second = handlerOf(fixture.cache);
   try {
-    for (let i = 0; i < 200 && (await fixture.cache.getPath(hashPartOf(storePath))) === null; i++) {
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
+    await importedAll(fixture, [storePath]);
     assert.ok(await fixture.cache.getPath(hashPartOf(storePath)), "the upload is imported");
   } finally {
     await second.close();
@@ -248,7 +237,10 @@ Deno.test("a pending record that is not one (a path outside, a wrong name) is sk
   }
 });
 
-/** Waits (bounded) until the cache holds `storePath` and no pending upload is left. */
+/**
+ * Waits (bounded) until the cache holds `storePaths` and no pending upload is left (the
+ * record and the file go right after the commit).
+ */
 async function importedAll(fixture: { cache: Cache; dir: string }, storePaths: string[]) {
   const pending = () =>
     Array.fromAsync(Deno.readDir(`${fixture.dir}/uploads/pending`)).catch(() => []);
