@@ -22,6 +22,7 @@ import {
 } from "../helpers/cache_fixture.ts";
 import type { Cache } from "../../src/cache/cache.ts";
 import { readPendingUploads } from "../../src/cache/pending_records.ts";
+import { PendingUploads } from "../../src/net/pending_uploads.ts";
 
 const BASE = "http://arca.test";
 const TOKEN = "pending-uploads-token";
@@ -193,7 +194,15 @@ Deno.test("an uncompressed upload's .nar URL works in a process that never serve
   } finally {
     await first.close();
   }
-  // Nix kept the narinfo it uploaded; this server starts without knowing its URL.
+  // Nix kept the narinfo it uploaded; a server that starts without knowing its URL finds
+  // the pending upload by the NarHash in it.
+  const pending = new PendingUploads(fixture.cache, { compression: "zstd" });
+  try {
+    const found = await pending.lookupByNarHash(formatNixHash(sha256(nar)));
+    assert.equal(found?.hashPart, hashPartOf(storePath));
+  } finally {
+    await pending.close();
+  }
   const second = handlerOf(fixture.cache);
   try {
     assert.deepEqual(await narThrough(second, url), nar);
