@@ -142,6 +142,11 @@ export interface DrainSpoolOptions {
    * deleted (default one hour).
    */
   staleTmpMs?: number;
+  /**
+   * Asks for the runtime closure of a spooled path (default: the local `nix`, {@link queryClosure}).
+   * Tests inject failures here: the process environment (PATH) is shared by parallel tests.
+   */
+  queryClosure?: (installable: string) => Promise<LocalPathInfo[]>;
 }
 
 /** What one {@link drainSpool} did. */
@@ -268,7 +273,8 @@ class SpoolDrain {
       this.#checkAborted();
       if (closure.has(path)) continue;
       try {
-        for (const info of await queryClosure(path)) closure.set(info.storePath, info);
+        const query = this.#options.queryClosure ?? queryClosure;
+        for (const info of await query(path)) closure.set(info.storePath, info);
       } catch (error) {
         if (!(error instanceof NotFoundError)) throw error;
         this.#gone(path, file);
