@@ -11,12 +11,19 @@
  * @module
  */
 
-import { IntegrityError, NotFoundError } from "../errors.ts";
+import { IntegrityError } from "../errors.ts";
 import { AccessTimes } from "./access_times.ts";
 import { type AuditEventType, AuditLog } from "./audit.ts";
 import { withWriterLock } from "./cache_lock.ts";
 import { ChunkFileCommitter, ChunkStore } from "./chunk_store.ts";
-import { loadLibc, readWholeFileSync } from "./libc.ts";
+import { loadLibc, regularFileSizeSync } from "./libc.ts";
+import {
+  type NarPieceOptions,
+  openNarPieces,
+  PIECE_BYTES,
+  readChunkRange,
+  readNarFile,
+} from "./nar_pieces.ts";
 import { StreamChunker } from "./chunker.ts";
 import {
   type ChunkBatchTarget,
@@ -116,8 +123,7 @@ export interface StoredNar {
  */
 const IMPORT_WINDOW_BYTES = 12 * 1024 * 1024;
 
-/** Most bytes of one piece of {@link Cache.openStoredNar}'s stream (unless one chunk is larger). */
-export const PIECE_BYTES = 256 * 1024;
+export { PIECE_BYTES };
 
 /** Chunks {@link Cache.missingChunks} checks between two turns of the event loop. */
 const STAT_BATCH = 1024;
@@ -485,12 +491,13 @@ export class Cache {
    * Ids of the manifest's chunks that cannot be served as they are: absent, not a regular
    * file, or not of the size the manifest records (empty when the NAR is whole). Checked
    * before a NAR is served with a 200, so that a body is never cut short (DESIGN.md §7).
-   * One synchronous `lstat` per distinct chunk (~2–3 µs from the dentry cache, against
-   * ~15 µs for an asynchronous one), letting other tasks run every
-   * {@link STAT_BATCH} chunks.
+   * One synchronous `statx` through libc per distinct chunk (~2 µs from the dentry cache;
+   * `Deno.lstatSync`, ~5 µs, where libc is unavailable; an asynchronous one ~15 µs),
+   * letting other tasks run every {@link STAT_BATCH} chunks.
    */
   async missingChunks(manifest: Manifest): Promise<string[]> {
-    const { paths } = this.#chunkPathsOf(manifest);
+    const { paths, cPaths } = this.#chunkPathsOf(manifest);
+    const lib = loadLibc();
     const seen = new Set<string>();
     const missing: string[] = [];
     for (let i = 0; i < paths.length; i++) {
@@ -498,6 +505,11 @@ export class Cache {
       if (seen.has(id)) continue;
       seen.add(id);
       if (seen.size % STAT_BATCH === 0) await new Promise((resolve) => setTimeout(resolve, 0));
+      const found = lib === null ? null : regularFileSizeSync(lib, cPaths[i]);
+      if (found !== null) {
+        if (found !== size) missing.push(id);
+        continue;
+      }
       let info: Deno.FileInfo;
       try {
         info = Deno.lstatSync(paths[i]);
@@ -512,66 +524,13 @@ export class Cache {
   }
 
   /**
-   * The NAR as served (the concatenated chunk files), optionally only bytes
-   * `[start, end)` of it. Errors the stream if a chunk is missing or has the wrong size, so
-   * a cut-short body never looks complete.
-   *
-   * Each piece of the stream is up to {@link PIECE_BYTES} of consecutive chunk files, read
-   * synchronously straight into the piece: from the page cache that is ~10 µs a chunk,
-   * against ~25 µs for an asynchronous read plus a response write per chunk, and it keeps
-   * one piece in flight per response (like nginx's blocking `sendfile`, a read from a cold
-   * disk holds up the event loop for its duration).
+   * The NAR as served (the concatenated chunk files), optionally only a byte range of it,
+   * in pieces of {@link PIECE_BYTES} (nar_pieces.ts; `reusePieces` only for `Deno.serve`).
+   * Errors the stream if a chunk is missing or has the wrong size, so a cut-short body
+   * never looks complete.
    */
-  openStoredNar(
-    manifest: Manifest,
-    range: { start: number; end: number } = { start: 0, end: manifest.fileSize },
-  ): ReadableStream<Uint8Array> {
-    const { paths, cPaths } = this.#chunkPathsOf(manifest);
-    const entries = manifest.chunks;
-    let index = 0;
-    let chunkStart = 0;
-    // Skip the chunks before the range.
-    while (index < entries.length && chunkStart + entries[index].storedSize <= range.start) {
-      chunkStart += entries[index].storedSize;
-      index++;
-    }
-    return new ReadableStream<Uint8Array>({
-      pull(controller) {
-        if (index >= entries.length || chunkStart >= range.end) {
-          controller.close();
-          return;
-        }
-        // Whole chunks from `index` while the piece stays within PIECE_BYTES (at least one).
-        const pieceStart = Math.max(range.start, chunkStart);
-        let last = index;
-        let lastEnd = chunkStart + entries[index].storedSize;
-        while (
-          last + 1 < entries.length && lastEnd < range.end &&
-          Math.min(lastEnd + entries[last + 1].storedSize, range.end) - pieceStart <= PIECE_BYTES
-        ) {
-          last++;
-          lastEnd += entries[last].storedSize;
-        }
-        const piece = new Uint8Array(Math.min(lastEnd, range.end) - pieceStart);
-        let offset = 0;
-        for (; index <= last; index++) {
-          const entry = entries[index];
-          const path = paths[index];
-          const from = Math.max(range.start - chunkStart, 0);
-          const to = Math.min(range.end - chunkStart, entry.storedSize);
-          if (from === 0 && to === entry.storedSize) {
-            readChunkFileSync(path, entry, piece.subarray(offset, offset + to), cPaths[index]);
-          } else {
-            const whole = new Uint8Array(entry.storedSize);
-            readChunkFileSync(path, entry, whole, cPaths[index]);
-            piece.set(whole.subarray(from, to), offset);
-          }
-          offset += to - from;
-          chunkStart += entry.storedSize;
-        }
-        controller.enqueue(piece);
-      },
-    }, { highWaterMark: 1 });
+  openStoredNar(manifest: Manifest, options: NarPieceOptions = {}): ReadableStream<Uint8Array> {
+    return openNarPieces(manifest, this.#chunkPathsOf(manifest), options);
   }
 
   /**
@@ -584,15 +543,7 @@ export class Cache {
     if (manifest.fileSize > PIECE_BYTES) {
       throw new RangeError(`NAR file of ${manifest.fileSize} bytes is not small`);
     }
-    const { paths, cPaths } = this.#chunkPathsOf(manifest);
-    const body = new Uint8Array(manifest.fileSize);
-    let offset = 0;
-    manifest.chunks.forEach((entry, index) => {
-      const target = body.subarray(offset, offset + entry.storedSize);
-      readChunkFileSync(paths[index], entry, target, cPaths[index]);
-      offset += entry.storedSize;
-    });
-    return body;
+    return readNarFile(manifest, this.#chunkPathsOf(manifest));
   }
 
   /**
@@ -625,9 +576,12 @@ export class Cache {
           return;
         }
         const entry = manifest.chunks[index++];
-        const file = new Uint8Array(entry.storedSize);
-        readChunkFileSync(chunks.chunkPath(entry.id, manifest.compression), entry, file);
-        const chunk = decompressChunk(file, manifest.compression);
+        const file = new Uint8Array(entry.storedSize + 1);
+        readChunkRange(chunks.chunkPath(entry.id, manifest.compression), entry, file, {
+          from: 0,
+          to: entry.storedSize,
+        });
+        const chunk = decompressChunk(file.subarray(0, entry.storedSize), manifest.compression);
         if (formatBase16(sha256(chunk)) !== entry.id) {
           throw new IntegrityError(`Chunk ${entry.id} does not match its hash`);
         }
@@ -659,53 +613,6 @@ export class Cache {
     };
   }
 }
-
-/**
- * Reads a chunk file, which must be exactly `target.length` (its manifest's storedSize)
- * bytes long, into `target`. NotFoundError when it is absent, IntegrityError when it has
- * another size. With `cPath` (the path NUL-terminated), through libc where it can: ~3 µs a
- * file cheaper than Deno's API, which still says what is wrong when libc's read fails.
- */
-function readChunkFileSync(
-  path: string,
-  entry: ManifestEntry,
-  target: Uint8Array,
-  cPath?: Uint8Array,
-): void {
-  const lib = cPath === undefined ? null : loadLibc();
-  if (lib !== null && readWholeFileSync(lib, cPath!, target)) return;
-  let file: Deno.FsFile;
-  try {
-    file = Deno.openSync(path, { read: true });
-  } catch (error) {
-    if (error instanceof Deno.errors.NotFound) {
-      throw new NotFoundError(`Chunk not found: ${entry.id}`, { cause: error });
-    }
-    throw error;
-  }
-  try {
-    let filled = 0;
-    while (filled < target.length) {
-      const n = file.readSync(target.subarray(filled));
-      if (n === null) break;
-      filled += n;
-    }
-    // A file longer than the manifest says is as wrong as a shorter one.
-    if (filled === target.length && file.readSync(ONE_BYTE) !== null) filled++;
-    if (filled !== target.length) {
-      throw new IntegrityError(
-        `Chunk ${entry.id} has ${
-          filled > target.length ? "more than " : ""
-        }${filled} bytes, manifest says ${entry.storedSize}`,
-      );
-    }
-  } finally {
-    file.close();
-  }
-}
-
-/** Scratch space of {@link readChunkFileSync}'s end-of-file check. */
-const ONE_BYTE = new Uint8Array(1);
 
 /** What identifies one version of a file: device, inode, size, mtime, ctime. */
 function fileIdentity(info: Deno.FileInfo): string {

@@ -13,8 +13,17 @@ export interface Libc {
     open(path: Uint8Array, flags: number): number;
     close(fd: number): number;
     read(fd: number, buffer: Uint8Array, count: bigint): number | bigint;
+    pread(fd: number, buffer: Uint8Array, count: number, offset: number): number | bigint;
     syncfs(fd: number): Promise<number>;
     ioctl(fd: number, request: bigint, argument: Uint8Array): number;
+    /** Absent where libc has no `statx` (glibc before 2.28). */
+    statx?: (
+      dirfd: number,
+      path: Uint8Array,
+      flags: number,
+      mask: number,
+      out: Uint8Array,
+    ) => number;
   };
 }
 
@@ -43,8 +52,14 @@ export function loadLibc(): Libc | null {
         open: { parameters: ["buffer", "i32"], result: "i32" },
         close: { parameters: ["i32"], result: "i32" },
         read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+        pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
         syncfs: { parameters: ["i32"], result: "i32", nonblocking: true },
         ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
+        statx: {
+          parameters: ["i32", "buffer", "i32", "u32", "buffer"],
+          result: "i32",
+          optional: true,
+        },
       }) as unknown as Libc;
     } catch {
       libc = null;
@@ -78,4 +93,73 @@ export function readWholeFileSync(lib: Libc, path: Uint8Array, target: Uint8Arra
   } finally {
     lib.symbols.close(fd);
   }
+}
+
+/**
+ * Reads bytes `[offset, offset + length)` of the file at `path` (a NUL-terminated byte
+ * string) into `buffer` from its start: true when they were all there. With `atEnd`, the
+ * range must also be the file's last bytes: one byte more is asked for (so `buffer` must
+ * hold `length + 1` bytes; the extra one is scratch), and the answer is false when it came.
+ * False for anything else too (absent, shorter, unreadable): the caller looks again with
+ * Deno's API to say what is wrong. One `open`, usually one `pread`, one `close`. Requires
+ * {@link loadLibc}.
+ */
+export function readFileRangeSync(
+  lib: Libc,
+  path: Uint8Array,
+  buffer: Uint8Array,
+  range: { offset: number; length: number; atEnd: boolean },
+): boolean {
+  const { offset, length, atEnd } = range;
+  const wanted = atEnd ? length + 1 : length;
+  if (buffer.length < wanted) throw new RangeError("Buffer too small for the range");
+  const fd = lib.symbols.open(path, O_RDONLY_CLOEXEC);
+  if (fd < 0) return false;
+  try {
+    let filled = 0;
+    while (filled < length) {
+      const n = Number(
+        lib.symbols.pread(fd, buffer.subarray(filled), wanted - filled, offset + filled),
+      );
+      if (n <= 0) return false;
+      filled += n;
+    }
+    // A short read of a regular file is its end; a full one may stop just before it.
+    if (atEnd && filled === length) {
+      return Number(lib.symbols.pread(fd, buffer.subarray(length), 1, offset + length)) === 0;
+    }
+    return filled === length;
+  } finally {
+    lib.symbols.close(fd);
+  }
+}
+
+/** `statx` flag: do not follow a final symlink. */
+const AT_SYMLINK_NOFOLLOW = 0x100;
+/** `statx` directory argument meaning "relative to the working directory". */
+const AT_FDCWD = -100;
+/** `statx` mask: the file type and the size. */
+const STATX_TYPE_AND_SIZE = 0x1 | 0x200;
+/** Offsets in `struct statx` (the same on every Linux architecture). */
+const STATX_MODE_OFFSET = 0x1c;
+const STATX_SIZE_OFFSET = 0x28;
+/** Scratch space of {@link regularFileSizeSync} (`struct statx` is 256 bytes). */
+const STATX_BUFFER = new Uint8Array(256);
+const STATX_VIEW = new DataView(STATX_BUFFER.buffer);
+
+/**
+ * The size of the regular file at `path` (NUL-terminated; a symlink is not followed, so it
+ * is not a regular file), -1 when it is something else, or null when `statx` failed or is
+ * unavailable (the caller asks Deno's `lstat`, which also says why). ~2 µs, against ~5 µs
+ * for `Deno.lstatSync`, which builds a whole FileInfo. Requires {@link loadLibc}.
+ */
+export function regularFileSizeSync(lib: Libc, path: Uint8Array): number | null {
+  const statx = lib.symbols.statx;
+  if (statx === undefined || statx === null) return null;
+  if (statx(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW, STATX_TYPE_AND_SIZE, STATX_BUFFER) !== 0) {
+    return null;
+  }
+  const mode = STATX_VIEW.getUint16(STATX_MODE_OFFSET, true);
+  if ((mode & 0o170000) !== 0o100000) return -1;
+  return Number(STATX_VIEW.getBigUint64(STATX_SIZE_OFFSET, true));
 }

@@ -110,6 +110,8 @@ export async function startSubstituter(
       compression: settings.compression,
       segments: settings.segments,
     },
+    // Its responses go straight to Deno.serve below.
+    reusePieces: true,
   });
   const metricsResponse = async () =>
     new Response(await handler.metrics.render(cache), {

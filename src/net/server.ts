@@ -144,6 +144,12 @@ export interface HandlerOptions {
   serveLogIntervalMs?: number;
   /** Asked in order for paths this cache does not hold. */
   sources?: readonly PathSource[];
+  /**
+   * The responses go straight to `Deno.serve`, which is done with each piece of a body soon
+   * after it takes it: large NARs are read into a few reused buffers
+   * (src/cache/nar_pieces.ts). Leave it off where a body is collected (`arrayBuffer()`).
+   */
+  reusePieces?: boolean;
 }
 
 /**
@@ -464,7 +470,7 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     const manifest = await localNar(hashPart, narHash, request);
     if (manifest === null) return null;
     if (manifest.compression === compression) {
-      return narResponse(request, manifest.fileSize, () => cache.openStoredNar(manifest), "local");
+      return narResponse(request, manifest.fileSize, () => openStored(manifest), "local");
     }
     const [size, wrap] = compression === "zstd"
       ? [rawZstdFrameSize, rawZstdFrame]
@@ -475,6 +481,14 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
       () => cache.openNar(manifest).pipeThrough(wrap(manifest.narSize)),
       "local",
     );
+  }
+
+  /** A stored NAR file's body (or a range of it). */
+  function openStored(
+    manifest: Manifest,
+    range?: { start: number; end: number },
+  ): ReadableStream<Uint8Array> {
+    return cache.openStoredNar(manifest, { range, reusePieces: options.reusePieces });
   }
 
   function narResponse(
@@ -584,12 +598,12 @@ export function createHandler(cache: Cache, options: HandlerOptions): Handler {
     const size = manifest.fileSize;
     if (range === null) {
       headers["content-length"] = String(size);
-      const body = request.method === "HEAD" ? null : cache.openStoredNar(manifest);
+      const body = request.method === "HEAD" ? null : openStored(manifest);
       return new Response(body, { status: 200, headers });
     }
     headers["content-length"] = String(range.end - range.start);
     headers["content-range"] = `bytes ${range.start}-${range.end - 1}/${size}`;
-    const body = request.method === "HEAD" ? null : cache.openStoredNar(manifest, range);
+    const body = request.method === "HEAD" ? null : openStored(manifest, range);
     return new Response(body, { status: 206, headers });
   }
 

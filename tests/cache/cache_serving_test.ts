@@ -11,7 +11,7 @@
 import assert from "node:assert/strict";
 import { collectGarbage } from "../../src/cache/gc.ts";
 import { formatNixHash, parseNixHash, sha256 } from "../../src/cache/hash.ts";
-import { Cache } from "../../src/cache/cache.ts";
+import { Cache, PIECE_BYTES } from "../../src/cache/cache.ts";
 import { IntegrityError, NotFoundError } from "../../src/errors.ts";
 import type { MetadataBackend } from "../../src/cache/metadata.ts";
 import type { NarTree } from "../../src/cache/nar.ts";
@@ -74,6 +74,8 @@ for (const backend of BACKENDS) {
     const expected = concat(files);
     const pieces = await collect(fx.cache.openStoredNar(manifest));
     assert.ok(pieces.length < manifest.chunks.length, "chunks are sent in larger pieces");
+    // Every piece but the last is full (chunk files are split across pieces).
+    pieces.slice(0, -1).forEach((piece) => assert.equal(piece.length, PIECE_BYTES));
     const whole = concat(pieces);
     assert.deepEqual(whole, expected);
     assert.equal(whole.length, manifest.fileSize);
@@ -93,7 +95,9 @@ for (const backend of BACKENDS) {
       [Math.floor(size / 3), Math.floor((2 * size) / 3)],
     ];
     for (const [start, end] of ranges) {
-      const got = concat(await collect(fx.cache.openStoredNar(manifest, { start, end })));
+      const got = concat(
+        await collect(fx.cache.openStoredNar(manifest, { range: { start, end } })),
+      );
       assert.deepEqual(got, whole.subarray(start, end), `range ${start}-${end}`);
     }
 
