@@ -20,7 +20,8 @@
  * are alive at once; a test sends NARs of many pieces through a real `Deno.serve` to fast
  * and slow clients and compares hashes. Anything that collects pieces (`Response.arrayBuffer`,
  * `for await` into an array) must not ask for reuse. Rings take memory from one budget
- * ({@link RING_BUDGET_BYTES} in the process); a stream beyond it gets fresh pieces.
+ * ({@link RING_BUDGET_BYTES} in the process); a stream beyond it gets fresh pieces, and so
+ * does a stream of no more than {@link PIECE_RING} pieces, which would never reuse one.
  * @module
  */
 
@@ -89,9 +90,11 @@ export function openNarPieces(
     held.held = 0;
     ring.length = 0;
   };
+  // A ring only where it will be used again: more pieces than it holds.
+  const useRing = options.reusePieces === true && end - start > PIECE_RING * PIECE_BYTES;
   /** The buffer of the next piece: one of the ring's, or a fresh one. */
   const bufferFor = (length: number): Uint8Array<ArrayBuffer> => {
-    if (!options.reusePieces) return new Uint8Array(length + 1);
+    if (!useRing) return new Uint8Array(length + 1);
     const slot = pieces % PIECE_RING;
     const reused = ring[slot];
     if (reused !== undefined) return reused;
@@ -143,7 +146,7 @@ export function openNarPieces(
       release();
     },
   }, { highWaterMark: 1 });
-  if (options.reusePieces) dropped.register(stream, held);
+  if (useRing) dropped.register(stream, held);
   return stream;
 }
 
