@@ -1,8 +1,8 @@
 /**
  * The few libc calls the cache makes through FFI (Linux, with `--allow-ffi`), where Deno's
  * own API has no equivalent (`syncfs`, `ioctl`) or costs more per call than the system
- * call itself (reading a small file whole: `open`, `read`, `close` without a resource
- * object per file). Everything here is optional: {@link loadLibc} returns null where FFI
+ * call itself (reading part of a small file: `open`, `pread`, `close` without a resource
+ * object per file; a file's type and size by `statx`, without a whole `Deno.FileInfo`). Everything here is optional: {@link loadLibc} returns null where FFI
  * is unavailable, and callers fall back to Deno's API.
  * @module
  */
@@ -12,7 +12,6 @@ export interface Libc {
   symbols: {
     open(path: Uint8Array, flags: number): number;
     close(fd: number): number;
-    read(fd: number, buffer: Uint8Array, count: bigint): number | bigint;
     pread(fd: number, buffer: Uint8Array, count: number, offset: number): number | bigint;
     syncfs(fd: number): Promise<number>;
     ioctl(fd: number, request: bigint, argument: Uint8Array): number;
@@ -51,7 +50,6 @@ export function loadLibc(): Libc | null {
       libc = Deno.dlopen("libc.so.6", {
         open: { parameters: ["buffer", "i32"], result: "i32" },
         close: { parameters: ["i32"], result: "i32" },
-        read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
         pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
         syncfs: { parameters: ["i32"], result: "i32", nonblocking: true },
         ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
@@ -66,33 +64,6 @@ export function loadLibc(): Libc | null {
     }
   }
   return libc;
-}
-
-/** Scratch space of {@link readWholeFileSync}'s end-of-file check. */
-const ONE_BYTE = new Uint8Array(1);
-
-/**
- * Reads the file at `path` (a NUL-terminated byte string) into `target`, which must be
- * exactly its size: true when the file was opened, filled `target` and ended right there;
- * false for anything else (absent, shorter, longer, unreadable), when the caller should
- * look again with Deno's API to say what is wrong. Requires {@link loadLibc}.
- */
-export function readWholeFileSync(lib: Libc, path: Uint8Array, target: Uint8Array): boolean {
-  const fd = lib.symbols.open(path, O_RDONLY_CLOEXEC);
-  if (fd < 0) return false;
-  try {
-    let filled = 0;
-    while (filled < target.length) {
-      const n = Number(
-        lib.symbols.read(fd, target.subarray(filled), BigInt(target.length - filled)),
-      );
-      if (n <= 0) return false;
-      filled += n;
-    }
-    return Number(lib.symbols.read(fd, ONE_BYTE, 1n)) === 0;
-  } finally {
-    lib.symbols.close(fd);
-  }
 }
 
 /**
