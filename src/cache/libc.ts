@@ -72,8 +72,8 @@ export function loadLibc(): Libc | null {
  * range must also be the file's last bytes: one byte more is asked for (so `buffer` must
  * hold `length + 1` bytes; the extra one is scratch), and the answer is false when it came.
  * False for anything else too (absent, shorter, unreadable): the caller looks again with
- * Deno's API to say what is wrong. One `open`, usually one `pread`, one `close`. Requires
- * {@link loadLibc}.
+ * Deno's API to say what is wrong. One `open`, one `pread` (a regular file answers short
+ * only at its end), one `close`. Requires {@link loadLibc}.
  */
 export function readFileRangeSync(
   lib: Libc,
@@ -82,24 +82,27 @@ export function readFileRangeSync(
   range: { offset: number; length: number; atEnd: boolean },
 ): boolean {
   const { offset, length, atEnd } = range;
+  // At the end, one byte more: a file of the right size answers short, which is the check.
   const wanted = atEnd ? length + 1 : length;
   if (buffer.length < wanted) throw new RangeError("Buffer too small for the range");
   const fd = lib.symbols.open(path, O_RDONLY_CLOEXEC);
   if (fd < 0) return false;
   try {
     let filled = 0;
+    // Whether the last read came back short: for a regular file, that is its end.
+    let endSeen = false;
     while (filled < length) {
-      const n = Number(
-        lib.symbols.pread(fd, buffer.subarray(filled), wanted - filled, offset + filled),
-      );
+      const asked = wanted - filled;
+      const n = Number(lib.symbols.pread(fd, buffer.subarray(filled), asked, offset + filled));
       if (n <= 0) return false;
       filled += n;
+      endSeen = n < asked;
     }
-    // A short read of a regular file is its end; a full one may stop just before it.
-    if (atEnd && filled === length) {
-      return Number(lib.symbols.pread(fd, buffer.subarray(length), 1, offset + length)) === 0;
-    }
-    return filled === length;
+    if (!atEnd) return true;
+    // The byte after the range came: the file is longer.
+    if (filled > length) return false;
+    if (endSeen) return true;
+    return Number(lib.symbols.pread(fd, buffer.subarray(length), 1, offset + length)) === 0;
   } finally {
     lib.symbols.close(fd);
   }

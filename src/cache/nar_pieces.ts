@@ -6,19 +6,23 @@
  * a piece's end is read in two parts (`pread` at an offset). Each chunk file must be
  * exactly the size its manifest records: a file found shorter or longer errors the stream
  * ({@link IntegrityError}, or {@link NotFoundError} when it is gone), so a body is never
- * cut short while looking complete. With libc (libc.ts) a chunk costs one `open`, usually
- * one `pread` (one byte more than the chunk's rest is asked for, which is the end-of-file
- * check) and one `close`.
+ * cut short while looking complete. With libc (libc.ts) a chunk costs one `open`, one
+ * `pread` and one `close`: at a chunk's end one byte more than its rest is asked for, and
+ * the short answer is the end-of-file check. (Through libc the size is checked where a
+ * read reaches the chunk's end; Deno's API, the fallback, checks it on every read. The
+ * server checks every chunk's size before its 200 anyway: `Cache.missingChunks`.)
  *
  * Reused pieces ({@link NarPieceOptions.reusePieces}): a new 256 KiB buffer per piece is
  * zero-filled, mapped, and collected by V8 again, which measured ~0.3 CPU-s per GiB served,
  * as much as sending it. So `arca serve` lets a stream write piece k's memory again for
  * piece k + {@link PIECE_RING}. That is safe only for a consumer that is done with a piece
  * before it has taken {@link PIECE_RING} - 1 more, which `Deno.serve` is: it writes one
- * piece at a time into its response channel (capacity one) and hyper holds at most
- * ~400 KiB of unwritten body (two full pieces plus part of a third), so at most ~7 pieces
- * are alive at once; a test sends NARs of many pieces through a real `Deno.serve` to fast
- * and slow clients and compares hashes. Anything that collects pieces (`Response.arrayBuffer`,
+ * piece at a time into its response channel (capacity one), and hyper holds a bounded
+ * amount of unwritten body (~400 KiB for HTTP/1.1; HTTP/2's send buffer is of the same
+ * order). Measured by reusing on purpose too early (docs/BENCHMARKS.md): bodies came out
+ * wrong with a ring of 3 over HTTP/1.1 and of 4 over HTTP/2, and right from 4 and 5 on;
+ * tests/net/server_pieces_test.ts sends NARs of many pieces to fast and slow clients over
+ * both and fails with a ring of 3. Anything that collects pieces (`Response.arrayBuffer`,
  * `for await` into an array) must not ask for reuse. Rings take memory from one budget
  * ({@link RING_BUDGET_BYTES} in the process); a stream beyond it gets fresh pieces, and so
  * does a stream of no more than {@link PIECE_RING} pieces, which would never reuse one.
