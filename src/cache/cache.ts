@@ -123,6 +123,7 @@ export interface StoredNar {
  */
 const IMPORT_WINDOW_BYTES = 12 * 1024 * 1024;
 
+/** Bytes of each piece of {@link Cache.openStoredNar}'s stream (nar_pieces.ts). */
 export { PIECE_BYTES };
 
 /** Chunks {@link Cache.missingChunks} checks between two turns of the event loop. */
@@ -567,7 +568,7 @@ export class Cache {
    * The NAR itself (decompressed chunk by chunk), each chunk checked against its id.
    */
   openNar(manifest: Manifest): ReadableStream<Uint8Array> {
-    const chunks = this.chunks;
+    const { paths, cPaths } = this.#chunkPathsOf(manifest);
     let index = 0;
     return new ReadableStream<Uint8Array>({
       pull(controller) {
@@ -575,12 +576,14 @@ export class Cache {
           controller.close();
           return;
         }
-        const entry = manifest.chunks[index++];
+        const entry = manifest.chunks[index];
         const file = new Uint8Array(entry.storedSize + 1);
-        readChunkRange(chunks.chunkPath(entry.id, manifest.compression), entry, file, {
+        readChunkRange(paths[index], entry, file, {
           from: 0,
           to: entry.storedSize,
+          cPath: cPaths[index],
         });
+        index++;
         const chunk = decompressChunk(file.subarray(0, entry.storedSize), manifest.compression);
         if (formatBase16(sha256(chunk)) !== entry.id) {
           throw new IntegrityError(`Chunk ${entry.id} does not match its hash`);

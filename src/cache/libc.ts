@@ -2,8 +2,9 @@
  * The few libc calls the cache makes through FFI (Linux, with `--allow-ffi`), where Deno's
  * own API has no equivalent (`syncfs`, `ioctl`) or costs more per call than the system
  * call itself (reading part of a small file: `open`, `pread`, `close` without a resource
- * object per file; a file's type and size by `statx`, without a whole `Deno.FileInfo`). Everything here is optional: {@link loadLibc} returns null where FFI
- * is unavailable, and callers fall back to Deno's API.
+ * object per file; a file's type and size by `statx`, without a whole `Deno.FileInfo`).
+ * Everything here is optional: {@link loadLibc} returns null where FFI is unavailable,
+ * and callers fall back to Deno's API.
  * @module
  */
 

@@ -46,8 +46,8 @@ const RING_BUDGET_BYTES = 16 * PIECE_RING * (PIECE_BYTES + 1);
 let ringBytes = 0;
 
 /** Gives back the budget of a stream dropped without being finished or cancelled. */
-const dropped = new FinalizationRegistry<{ held: number }>((ring) => {
-  ringBytes -= ring.held;
+const dropped = new FinalizationRegistry<{ bytes: number }>((ring) => {
+  ringBytes -= ring.bytes;
 });
 
 /** The chunk files of a manifest, in its order, also NUL-terminated for libc. */
@@ -87,11 +87,12 @@ export function openNarPieces(
   }
   let position = start;
   const ring: Uint8Array<ArrayBuffer>[] = [];
-  const held = { held: 0 };
+  // What this stream's ring counts against the budget (an object for the registry).
+  const ringSize = { bytes: 0 };
   let pieces = 0;
   const release = () => {
-    ringBytes -= held.held;
-    held.held = 0;
+    ringBytes -= ringSize.bytes;
+    ringSize.bytes = 0;
     ring.length = 0;
   };
   // A ring only where it will be used again: more pieces than it holds.
@@ -108,7 +109,7 @@ export function openNarPieces(
     }
     const buffer = new Uint8Array(size);
     ring.push(buffer);
-    held.held += size;
+    ringSize.bytes += size;
     ringBytes += size;
     return buffer;
   };
@@ -150,7 +151,7 @@ export function openNarPieces(
       release();
     },
   }, { highWaterMark: 1 });
-  if (useRing) dropped.register(stream, held);
+  if (useRing) dropped.register(stream, ringSize);
   return stream;
 }
 

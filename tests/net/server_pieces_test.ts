@@ -9,8 +9,7 @@
  */
 
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
-import { formatNixHash } from "../../src/cache/hash.ts";
+import { formatNixHash, sha256 } from "../../src/cache/hash.ts";
 import { PIECE_BYTES, PIECE_RING } from "../../src/cache/nar_pieces.ts";
 import type { NarInfo } from "../../src/cache/narinfo.ts";
 import { createHandler } from "../../src/net/server.ts";
@@ -30,10 +29,6 @@ async function curl(url: string, args: string[] = []): Promise<{ hash: string; s
   }).output();
   assert.equal(output.code, 0, new TextDecoder().decode(output.stderr));
   return { hash: formatNixHash(sha256(output.stdout)), size: output.stdout.length };
-}
-
-function sha256(bytes: Uint8Array): Uint8Array {
-  return new Uint8Array(createHash("sha256").update(bytes).digest());
 }
 
 Deno.test("server pieces: large NARs over a real socket, fast, slow, concurrent, by ranges", async () => {
